@@ -1,0 +1,3 @@
+from sinkinterp.cli import main
+
+raise SystemExit(main())
