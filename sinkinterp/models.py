@@ -51,9 +51,6 @@ _BACKENDS = ("hooked", "bridge")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SOURCE_ATTR = "sinkinterp_source"
 
-Backend = Literal["hooked", "bridge"]
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     """Where a loaded model came from; stored on the model, copied into every result's provenance."""
@@ -133,7 +130,8 @@ def embedded_gguf_path() -> Path:
 def load_model(
     name: str | os.PathLike = EMBEDDED_MODEL,
     *,
-    backend: Backend = "hooked",
+    # str, not Literal: a bad value must reach our check and its SinkInterpError, not a type checker.
+    backend: str = "hooked",
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
 ):
@@ -486,7 +484,9 @@ def _load_transformer_lens(name: str, backend: str, device, dtype: torch.dtype):
         if backend == "hooked":
             from transformer_lens import HookedTransformer
 
-            model = HookedTransformer.from_pretrained(official, device=device, dtype=dtype)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="HookedTransformer.from_pretrained is deprecated")
+                model = HookedTransformer.from_pretrained(official, device=device, dtype=dtype)
         else:
             from transformer_lens.model_bridge import TransformerBridge
 
