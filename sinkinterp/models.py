@@ -60,13 +60,13 @@ class ModelSource:
     origin: Literal["gguf", "transformer_lens", "config"]
     backend: str
     dtype: str
-    path: str | None
-    """The GGUF file, or None for hub models and configs."""
-    sha256: str | None
-    """sha256 of the GGUF file (None for hub models and configs)."""
-    bos_token: str | None
     prepend_bos: bool
     """The BOS policy: whether ``model.to_tokens`` prepends ``bos_token`` by default."""
+    bos_token: str | None = None
+    path: str | None = None
+    """The GGUF file, or None for hub models and configs."""
+    sha256: str | None = None
+    """sha256 of the GGUF file (None for hub models and configs)."""
     converter_version: int | None = None
     cache_dir: str | None = None
 
@@ -89,6 +89,10 @@ def model_source(model: torch.nn.Module) -> ModelSource:
             "sinkinterp.load_model(...) or a builder from sinkinterp.tiny"
         )
     return source
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _attach_source(model: torch.nn.Module, source: ModelSource) -> None:
@@ -327,7 +331,8 @@ def _load_gguf(path: Path, name: str, backend: str, device, dtype: torch.dtype):
     folder = _cached_hf_folder(path, sha256)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if backend == "hooked":
-        model = _hooked_from_cache(folder, AutoConfig.from_pretrained(folder), tokenizer, name=path.stem)
+        hooked = _hooked_from_cache(folder, AutoConfig.from_pretrained(folder), tokenizer, name=path.stem)
+        model = _cast(hooked, device=device, dtype=dtype)
     else:
         from transformers import LlamaForCausalLM
 
@@ -335,19 +340,17 @@ def _load_gguf(path: Path, name: str, backend: str, device, dtype: torch.dtype):
             folder, dtype=torch.float32, attn_implementation="eager"
         )
         model = _bridge_from_hf(hf_model, tokenizer, folder, device=device, dtype=dtype)
-    if backend == "hooked":
-        model = _cast(model, device=device, dtype=dtype)
     _attach_source(
         model,
         ModelSource(
             name=name,
             origin="gguf",
             backend=backend,
-            dtype=str(dtype).removeprefix("torch."),
+            dtype=_dtype_name(dtype),
+            prepend_bos=False,
+            bos_token=tokenizer.bos_token,
             path=str(path.resolve()),
             sha256=sha256,
-            bos_token=tokenizer.bos_token,
-            prepend_bos=False,
             converter_version=CONVERTER_VERSION,
             cache_dir=str(folder),
         ),
@@ -355,9 +358,7 @@ def _load_gguf(path: Path, name: str, backend: str, device, dtype: torch.dtype):
     return model
 
 
-def hooked_config_from_llama(
-    hf_config, *, name: str, folded: bool = False, device: str = "cpu", dtype=torch.float32
-):
+def hooked_config_from_llama(hf_config, *, name: str, folded: bool = False):
     """A ``HookedTransformerConfig`` for a transformers ``LlamaConfig``.
 
     SmolLM2 is not one of TransformerLens's official models, so ``from_pretrained`` can't build
@@ -402,8 +403,9 @@ def hooked_config_from_llama(
         rotary_base=rope.get("rope_theta", 10000.0),
         rotary_adjacent_pairs=False,
         default_prepend_bos=False,
-        device=str(device),
-        dtype=dtype,
+        # Built, converted and folded in float32 on the CPU; load_model casts and moves afterwards.
+        device="cpu",
+        dtype=torch.float32,
     )
 
 
@@ -499,18 +501,15 @@ def _load_transformer_lens(name: str, backend: str, device, dtype: torch.dtype):
             "or a local .gguf file"
         ) from e
     model.eval()
-    tokenizer = model.tokenizer
     _attach_source(
         model,
         ModelSource(
             name=name,
             origin="transformer_lens",
             backend=backend,
-            dtype=str(dtype).removeprefix("torch."),
-            path=None,
-            sha256=None,
-            bos_token=getattr(tokenizer, "bos_token", None),
+            dtype=_dtype_name(dtype),
             prepend_bos=bool(model.cfg.default_prepend_bos),
+            bos_token=getattr(model.tokenizer, "bos_token", None),
         ),
     )
     return model

@@ -213,3 +213,12 @@ def test_gguf_of_another_architecture(tmp_path, monkeypatch):
     writer.close()
     with pytest.raises(SinkInterpError, match=r"has architecture 'gpt2': sinkinterp converts 'llama' GGUF files only"):
         load_model(str(path))
+
+
+@torch.no_grad()
+def test_bfloat16_load_is_cast_after_float32_folding(smollm2, corpus_batch):
+    half = load_model(dtype=torch.bfloat16)
+    assert model_source(half).dtype == "bfloat16" and half.W_Q.dtype == torch.bfloat16
+    tokens = corpus_batch[:, :64]
+    agree = (half(tokens).argmax(-1) == smollm2(tokens).argmax(-1)).float().mean().item()
+    assert agree > 0.9
