@@ -217,8 +217,9 @@ def _manifest_problem(cache_dir: Path, sha256: str) -> str | None:
         if manifest.get(key) != value:
             return f"manifest {key}={manifest.get(key)!r}, expected {value!r}"
     files = manifest.get("files")
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        return "manifest lists no model.safetensors"
+    for required in ("model.safetensors", _HOOKED_WEIGHTS, "config.json", "tokenizer.json"):
+        if not isinstance(files, dict) or required not in files:
+            return f"manifest lists no {required}"
     for file_name, meta in files.items():
         file_path = cache_dir / file_name
         if not file_path.is_file():
@@ -231,7 +232,8 @@ def _manifest_problem(cache_dir: Path, sha256: str) -> str | None:
 
 
 def _build_cache(path: Path, sha256: str, cache_dir: Path) -> None:
-    """Dequantise the GGUF with transformers and write it atomically as a transformers folder."""
+    """Dequantise the GGUF with transformers; write, atomically, a transformers checkpoint folder
+    (float32 safetensors + tokenizer) plus the folded HookedTransformer weights and a manifest."""
     import safetensors.torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,11 +88,12 @@ def test_gguf_path_uses_the_same_converter_and_cache(smollm2, corpus_batch):
 
 
 def test_cache_holds_manifest_and_safetensors_only(smollm2):
-    folder = model_source(smollm2).cache_dir
-    manifest = json.loads((cache_root() / folder / _MANIFEST).read_text())
+    folder = Path(model_source(smollm2).cache_dir)
+    assert folder.parent == cache_root()
+    manifest = json.loads((folder / _MANIFEST).read_text())
     assert manifest["gguf_sha256"] == model_source(smollm2).sha256
     assert {"model.safetensors", _HOOKED_WEIGHTS, "config.json"} <= set(manifest["files"])
-    suffixes = {p.suffix for p in (cache_root() / folder).iterdir()}
+    suffixes = {p.suffix for p in folder.iterdir()}
     assert ".bin" not in suffixes and ".pt" not in suffixes and ".pkl" not in suffixes
 
 
@@ -124,11 +126,14 @@ def test_bit_flipped_cache_file_is_detected(tmp_path):
     folder.mkdir()
     payload = folder / "model.safetensors"
     payload.write_bytes(b"x" * 1000)
+    for name in ("config.json", "tokenizer.json", _HOOKED_WEIGHTS):
+        (folder / name).write_text("{}")
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in folder.iterdir()}
     manifest = {
         "format": 1,
         "converter_version": sinkinterp.models.CONVERTER_VERSION,
         "gguf_sha256": sha,
-        "files": {"model.safetensors": {"size": 1000, "sha256": _sha256(payload)}},
+        "files": files,
     }
     (folder / _MANIFEST).write_text(json.dumps(manifest))
     assert _manifest_problem(folder, sha) is None
