@@ -23,12 +23,17 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="hooked", choices=("hooked", "bridge"))
 
 
-def _load(args):
-    from sinkinterp.models import load_model
+def _load_and_describe(args):
+    """Load ``--model``, print its info table and load time; return the model and the info."""
+    from sinkinterp.models import load_model, model_info
 
     start = time.perf_counter()
     model = load_model(args.model, backend=args.backend)
-    return model, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    info = model_info(model)
+    print(format_info(info))
+    print(f"{'loaded in':<12}  {seconds:.1f} s")
+    return model, info
 
 
 def format_info(info: dict) -> str:
@@ -53,12 +58,8 @@ def format_info(info: dict) -> str:
 
 def _info(args) -> int:
     from sinkinterp._io import atomic_write_json
-    from sinkinterp.models import model_info
 
-    model, seconds = _load(args)
-    info = model_info(model)
-    print(format_info(info))
-    print(f"{'loaded in':<12}  {seconds:.1f} s")
+    _, info = _load_and_describe(args)
     if args.json:
         atomic_write_json(args.json, info)
         print(f"wrote {args.json}")
@@ -66,11 +67,8 @@ def _info(args) -> int:
 
 
 def _demo(args) -> int:
-    from sinkinterp.models import model_info
-
-    model, seconds = _load(args)
-    print(format_info(model_info(model)))
-    print(f"{'loaded in':<12}  {seconds:.1f} s\n")
+    model, _ = _load_and_describe(args)
+    print()
     completion = model.generate(
         args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False, verbose=False
     )
