@@ -16,6 +16,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/load_model.py
+	$(PY) benchmarks/scan_memory.py
 
 install: $(VENV)/.installed
 

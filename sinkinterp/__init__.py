@@ -1,7 +1,30 @@
 """sinkinterp: find out why transformers pour attention onto their first token."""
 
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.metrics import (
+    SinkReport,
+    find_massive_activations,
+    qkv_geometry,
+    sink_scores,
+    stable_massive_channels,
+    value_weighted_attention,
+)
 from sinkinterp.models import EMBEDDED_MODEL, ModelSource, load_model, model_source
+from sinkinterp.scan import ScanResult, scan
 
-__all__ = ["SinkInterpError", "EMBEDDED_MODEL", "ModelSource", "load_model", "model_source"]
+__all__ = [
+    "SinkInterpError",
+    "EMBEDDED_MODEL",
+    "ModelSource",
+    "load_model",
+    "model_source",
+    "SinkReport",
+    "sink_scores",
+    "find_massive_activations",
+    "stable_massive_channels",
+    "qkv_geometry",
+    "value_weighted_attention",
+    "ScanResult",
+    "scan",
+]
 __version__ = "0.1.0"

@@ -66,6 +66,41 @@ def _info(args) -> int:
     return 0
 
 
+def _first_token(value: str) -> str | int:
+    """``--first-token``: 'none', 'bos', a token string, or a token id written as digits."""
+    return int(value) if value.isdigit() else value
+
+
+def _scan_and_print(model, args):
+    from sinkinterp.scan import scan_corpus
+
+    result = scan_corpus(
+        model,
+        text_file=args.text,
+        n_seqs=args.n_seqs,
+        seq_len=args.seq_len,
+        first_token=_first_token(args.first_token),
+        eps=tuple(args.eps),
+        batch_size=args.batch_size,
+        min_abs=args.min_abs,
+        min_ratio=args.min_ratio,
+    )
+    print(result.summary())
+    return result
+
+
+def _scan(args) -> int:
+    from sinkinterp._io import atomic_write_json
+
+    model, _ = _load_and_describe(args)
+    print()
+    result = _scan_and_print(model, args)
+    if args.json:
+        atomic_write_json(args.json, result.to_dict())
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _demo(args) -> int:
     model, _ = _load_and_describe(args)
     print()
@@ -73,6 +108,8 @@ def _demo(args) -> int:
         args.prompt, max_new_tokens=args.max_new_tokens, do_sample=False, verbose=False
     )
     print(f"greedy completion of {args.prompt!r}:\n  {completion!r}")
+    print()
+    _scan_and_print(model, args)
     return 0
 
 
@@ -81,15 +118,38 @@ def _info_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the info as JSON (atomically)")
 
 
+def _add_scan_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scan")
+    group.add_argument("--text", metavar="FILE", help="UTF-8 text to scan (default: the offline corpus, pydoc_data.topics)")
+    group.add_argument("--seq-len", type=int, default=64, help="tokens per sequence, first token included (default 64)")
+    group.add_argument("--n-seqs", type=int, default=32, help="number of sequences (default 32)")
+    group.add_argument(
+        "--first-token", default="none", metavar="none|bos|TOKEN",
+        help="what to put first: nothing (default), the BOS token, a token string or a token id",
+    )
+    group.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.8], help="sink-ratio thresholds in (0, 1)")
+    group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    group.add_argument("--min-abs", type=float, default=100.0, help="massive activation: |x| above this")
+    group.add_argument("--min-ratio", type=float, default=1000.0, help="massive activation: |x| / median at least this")
+
+
+def _scan_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    _add_scan_args(parser)
+    parser.add_argument("--json", metavar="OUT", help="write every number, with provenance, as JSON (atomically)")
+
+
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    _add_scan_args(parser)
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("print a model's architecture, BOS policy and weight provenance", _info_args, _info),
-    "demo": ("the main job on the embedded model (for now: info + a greedy completion)", _demo_args, _demo),
+    "scan": ("measure attention sinks and massive activations on corpus text", _scan_args, _scan),
+    "demo": ("the main job on the embedded model: info, a greedy completion and the scan summary", _demo_args, _demo),
 }
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from sinkinterp.cli import main
 
@@ -11,7 +12,7 @@ def test_help_lists_the_commands():
     out = subprocess.run(
         [sys.executable, "-m", "sinkinterp", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "info" in out and "demo" in out
+    assert "info" in out and "demo" in out and "scan" in out
 
 
 def test_unknown_model_is_a_clear_error(capsys):
@@ -39,3 +40,67 @@ def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys):
     out = capsys.readouterr().out
     assert "layers        30" in out
     assert "greedy completion of 'The capital of France is'" in out and "Paris" in out
+    assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none)" in out
+    assert "sink ratio (share of the 270 heads with alpha at k=0 > eps):  eps=0.3: 0." in out
+    assert "channel 507   at first token" in out
+
+
+@pytest.mark.integration
+def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, capsys):
+    from sinkinterp.data import corpus_tokens
+    from sinkinterp.metrics import sink_scores
+
+    out_file = tmp_path / "scan.json"
+    argv = ["scan", "--n-seqs", "4", "--seq-len", "32", "--batch-size", "2", "--json", str(out_file)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "first-token share per layer" in captured.out and "L29" in captured.out
+    assert "strongest sink heads (alpha at k=0): L" in captured.out
+    assert "scan: 100%" in captured.err  # two mini-batches: a progress bar
+    record = json.loads(out_file.read_text())
+    for key in ("model", "tokens", "alpha_first", "sink_ratio", "first_token_share", "secondary_sinks",
+                "massive_activations", "stable_massive_channels"):
+        assert key in record
+    assert record["tokens"] == {"n_seqs": 4, "seq_len": 32, "first_token": "none", "source": "pydoc_data.topics"}
+    assert record["model"]["source"]["sha256"] and record["versions"]["transformer_lens"].startswith("3.")
+    assert len(record["alpha_first"]) == 30 and len(record["alpha_first"][0]) == 9
+    assert set(record["sink_ratio"]) == {"0.3", "0.8"} and len(record["first_token_share"]) == 30
+    entry = record["massive_activations"][0]
+    assert {"layer", "position", "channel", "value", "ratio_to_median"} <= set(entry)
+    assert record["stable_massive_channels"][0]["channel"] == 507
+    # The tokens can be rebuilt from the record, and give the same numbers.
+    tokens = corpus_tokens(smollm2, record["tokens"]["n_seqs"], record["tokens"]["seq_len"])
+    again = sink_scores(smollm2, tokens)  # another mini-batch size: float32 rounding may differ
+    expected = torch.tensor(record["alpha_first"], dtype=torch.float64)
+    torch.testing.assert_close(again.alpha_first, expected, rtol=0, atol=1e-6)
+    assert again.sink_ratio[0.3] == record["sink_ratio"]["0.3"]
+
+
+@pytest.mark.integration
+def test_scan_with_a_text_file_and_a_bos_first_token(smollm2, tmp_path, capsys):
+    text = tmp_path / "story.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out_file = tmp_path / "scan.json"
+    argv = ["scan", "--text", str(text), "--n-seqs", "2", "--seq-len", "16", "--first-token", "bos",
+            "--eps", "0.5", "--json", str(out_file)]
+    assert main(argv) == 0
+    record = json.loads(out_file.read_text())
+    assert record["tokens"]["first_token"] == "bos" and record["tokens"]["source"] == str(text)
+    assert len(record["tokens"]["sha256"]) == 64 and list(record["sink_ratio"]) == ["0.5"]
+    assert "(first token: bos)" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eps", "1.5"], "eps 1.5 is outside (0, 1)"),
+        (["--text", "/no/such/file.txt"], "cannot read text file '/no/such/file.txt'"),
+        (["--seq-len", "9000"], "seq_len 9000 exceeds the model's context: n_ctx = 8192"),
+        (["--n-seqs", "100000"], "the text has"),
+        (["--first-token", "two words"], "first token 'two words' is not a single token"),
+    ],
+)
+def test_scan_bad_input_is_a_clear_error(smollm2, capsys, extra, message):
+    assert main(["scan", *extra]) == 2
+    assert message in capsys.readouterr().err

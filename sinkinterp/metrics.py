@@ -1,0 +1,628 @@
+"""Measure attention sinks and massive activations (definitions: DESIGN.md §2).
+
+Every metric streams: hooks reduce each layer's activation to a per-sequence statistic, add it to
+running sums and drop it, so memory never holds a ``[layers, heads, T, T]`` cache. Positions are
+relative to each row's first real token (left padding needs an ``attention_mask``). Sequences are
+averaged with equal weight: first over the positions of one sequence, then over sequences.
+
+- :func:`sink_scores` -> :class:`SinkReport`: alpha[l, h, k], sink ratio, first-token share,
+  secondary sinks.
+- :func:`find_massive_activations` -> DataFrame of Sun et al.'s massive activations;
+  :func:`stable_massive_channels` summarises it.
+- :func:`qkv_geometry`: q/k/v norms and angles, sink vs the other positions.
+- :func:`value_weighted_attention`: attention share vs ``||A v W_O||`` share of the sink.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sinkinterp._batches import Batch, Reducer, check_eps, check_tokens, stream
+from sinkinterp.errors import SinkInterpError
+
+__all__ = [
+    "SinkReport",
+    "sink_scores",
+    "massive_entries",
+    "find_massive_activations",
+    "stable_massive_channels",
+    "qkv_geometry",
+    "value_weighted_attention",
+    "MASSIVE_COLUMNS",
+]
+
+MASSIVE_COLUMNS = ["layer", "seq", "position", "channel", "value", "ratio_to_median", "token"]
+
+
+def _token_text(model, token_id: int) -> str:
+    tokenizer = getattr(model, "tokenizer", None)
+    return str(token_id) if tokenizer is None else tokenizer.decode([token_id])
+
+
+def _head_name(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise SinkInterpError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SinkInterpError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _query_weights(batch: Batch, device) -> Float[Tensor, "batch pos"]:
+    """Weights that average over a row's real queries i >= 1 (each row sums to 1)."""
+    valid = batch.valid().to(device)
+    valid[:, 0] = False
+    return valid.double() / (batch.lengths.to(device) - 1).double()[:, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Sink scores
+
+
+@dataclass(frozen=True)
+class SinkReport:
+    """Sink scores of every head at every key position, from :func:`sink_scores`.
+
+    ``alpha[l, h, k]`` is Gu et al.'s sink score: the attention that key position k receives,
+    averaged over the queries i >= k that can see it, then over sequences (positions relative
+    to each row's first real token). ``first_token_share[l]`` averages ``A[l, h, i, 0]`` over heads
+    and queries i >= 1 only, so it is not inflated by query 0 attending to itself.
+    """
+
+    alpha: Float[Tensor, "layer head pos"]
+    first_token_share_heads: Float[Tensor, "layer head"]
+    eps: tuple[float, ...]
+    n_seqs: int
+    seq_len: int
+    n_seqs_at: Int[Tensor, " pos"]
+    """How many sequences have each relative position (fewer than n_seqs only with padding)."""
+    secondary_sinks: pd.DataFrame = field(repr=False)
+    """Per sequence: positions k > 0 whose alpha in that sequence exceeds ``min(eps)`` in some head."""
+    min_queries: int = 8
+
+    @property
+    def n_layers(self) -> int:
+        return self.alpha.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.alpha.shape[1]
+
+    @property
+    def alpha_first(self) -> Float[Tensor, "layer head"]:
+        return self.alpha[:, :, 0]
+
+    @property
+    def first_token_share(self) -> Float[Tensor, " layer"]:
+        return self.first_token_share_heads.mean(dim=1)
+
+    @property
+    def sink_ratio(self) -> dict[float, float]:
+        """``Sink_0^eps`` for each eps: the fraction of all heads with alpha at k = 0 above eps."""
+        return {eps: self.sink_ratio_at(0, eps) for eps in self.eps}
+
+    def sink_ratio_at(self, position: int, eps: float) -> float:
+        if not 0 <= position < self.seq_len:
+            raise SinkInterpError(f"position {position} out of range: scores cover 0..{self.seq_len - 1}")
+        return float((self.alpha[:, :, position] > check_eps(eps)[0]).double().mean())
+
+    def strongest_heads(self, n: int = 10, position: int = 0) -> pd.DataFrame:
+        """The ``n`` heads with the largest alpha at ``position``."""
+        values = self.alpha[:, :, position]
+        order = values.flatten().argsort(descending=True)[:n]
+        rows = [
+            (int(i) // self.n_heads, int(i) % self.n_heads, float(values.flatten()[i])) for i in order
+        ]
+        frame = pd.DataFrame(rows, columns=["layer", "head", "alpha"])
+        frame.insert(0, "name", [_head_name(l, h) for l, h, _ in rows])
+        return frame
+
+    def secondary_positions(self) -> pd.DataFrame:
+        """Relative positions k > 0 whose sequence-averaged alpha exceeds ``min(eps)`` in some head.
+
+        Meaningful when inputs share a structure (a template, a fixed delimiter); with free text,
+        delimiters sit at different positions and :attr:`secondary_sinks` (per sequence) finds them.
+        Positions seen by fewer than ``min_queries`` queries are left out: their alpha averages
+        too few rows (the last position's alpha is its self-attention).
+        """
+        eps = min(self.eps)
+        rows = []
+        for k in range(1, self.seq_len - self.min_queries + 1):
+            values = self.alpha[:, :, k]
+            above = values > eps
+            if bool(above.any()):
+                flat = int(values.flatten().argmax())
+                layer, head = divmod(flat, self.n_heads)
+                rows.append((k, int(above.sum()), float(values.max()), layer, head))
+        return pd.DataFrame(rows, columns=["position", "n_heads", "max_alpha", "layer", "head"])
+
+    def secondary_tokens(self) -> pd.DataFrame:
+        """Which tokens are secondary sinks, and how often (from :attr:`secondary_sinks`)."""
+        frame = self.secondary_sinks
+        if frame.empty:
+            return pd.DataFrame(columns=["token", "count", "n_seqs", "mean_max_alpha"])
+        grouped = frame.groupby("token", sort=False).agg(
+            count=("seq", "size"), n_seqs=("seq", "nunique"), mean_max_alpha=("max_alpha", "mean")
+        )
+        return grouped.sort_values(["count", "mean_max_alpha"], ascending=False).reset_index()
+
+    def to_frame(self) -> pd.DataFrame:
+        """Tidy table: one row per (layer, head, position) with alpha and the sequence count."""
+        layers, heads, positions = torch.meshgrid(
+            torch.arange(self.n_layers), torch.arange(self.n_heads), torch.arange(self.seq_len), indexing="ij"
+        )
+        return pd.DataFrame(
+            {
+                "layer": layers.flatten().numpy(),
+                "head": heads.flatten().numpy(),
+                "position": positions.flatten().numpy(),
+                "alpha": self.alpha.flatten().numpy(),
+                "n_seqs": self.n_seqs_at[positions.flatten()].numpy(),
+            }
+        )
+
+    def to_dict(self, *, include_alpha: bool = False) -> dict[str, Any]:
+        """JSON-ready values; ``include_alpha`` adds alpha at every position ([layers][heads][pos])."""
+        record: dict[str, Any] = {
+            "n_seqs": self.n_seqs,
+            "seq_len": self.seq_len,
+            "eps": list(self.eps),
+            "alpha_first": self.alpha_first.tolist(),
+            "sink_ratio": {str(eps): value for eps, value in self.sink_ratio.items()},
+            "first_token_share": self.first_token_share.tolist(),
+            "first_token_share_heads": self.first_token_share_heads.tolist(),
+            "secondary_sinks": {
+                "eps": min(self.eps),
+                "min_queries": self.min_queries,
+                "positions": self.secondary_positions().to_dict(orient="records"),
+                "tokens": self.secondary_tokens().to_dict(orient="records"),
+                "occurrences": self.secondary_sinks.to_dict(orient="records"),
+            },
+        }
+        if include_alpha:
+            record["alpha"] = self.alpha.tolist()
+        return record
+
+    def __repr__(self) -> str:
+        ratios = ", ".join(f"eps={eps:g}: {value:.3f}" for eps, value in self.sink_ratio.items())
+        shares = " ".join(f"{v:.2f}" for v in self.first_token_share.tolist())
+        heads = ", ".join(f"{r.name} {r.alpha:.2f}" for r in self.strongest_heads(5).itertuples())
+        tokens = self.secondary_tokens().head(3)
+        secondary = ", ".join(f"{r.token!r} x{r.count}" for r in tokens.itertuples()) or "none"
+        return (
+            f"SinkReport({self.n_seqs} seqs x {self.seq_len} positions, "
+            f"{self.n_layers} layers x {self.n_heads} heads)\n"
+            f"  sink ratio (alpha at k=0 > eps): {ratios}\n"
+            f"  first-token share by layer: {shares}\n"
+            f"  strongest sink heads: {heads}\n"
+            f"  secondary sinks (eps={min(self.eps):g}): {len(self.secondary_sinks)} in all; {secondary}"
+        )
+
+
+class _SinkReducer(Reducer):
+    def __init__(self, model, n_pos: int, eps: tuple[float, ...], min_queries: int):
+        n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+        self.model, self.n_pos, self.eps_min, self.min_queries = model, n_pos, min(eps), min_queries
+        self.alpha_sum = torch.zeros(n_layers, n_heads, n_pos, dtype=torch.float64)
+        self.share_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.n_seqs_at = torch.zeros(n_pos, dtype=torch.long)
+        self.n_seqs = 0
+        self._secondary: list[pd.DataFrame] = []
+
+    def begin(self, batch: Batch) -> None:
+        if self.n_seqs:
+            self._finish_batch()
+        super().begin(batch)
+        self.n_seqs += batch.tokens.shape[0]
+        self.n_seqs_at += batch.valid().sum(dim=0)
+        b = batch.tokens.shape[0]
+        # Running max over every (layer, head) of the per-sequence alpha, for secondary sinks.
+        self.best = torch.full((b, self.n_pos), -1.0, dtype=torch.float64)
+        self.best_head = torch.zeros(b, self.n_pos, dtype=torch.long)
+        self.n_above = torch.zeros(b, self.n_pos, dtype=torch.long)
+
+    def hooks(self):
+        return [(f"blocks.{layer}.attn.hook_pattern", self._hook(layer)) for layer in range(self.model.cfg.n_layers)]
+
+    def _hook(self, layer: int):
+        def reduce(pattern: Float[Tensor, "batch head query key"], hook) -> None:
+            batch = self.batch
+            p = batch.align(pattern, dims=(2, 3))
+            lengths = batch.lengths.to(p.device)
+            positions = torch.arange(self.n_pos, device=p.device)
+            # Queries that can see key k in each row: i in k..length-1 (the pattern is causal).
+            n_queries = (lengths[:, None] - positions).clamp(min=0)
+            alpha = p.sum(dim=2).double() / n_queries.clamp(min=1)[:, None, :]  # [batch head key]
+            self.alpha_sum[layer] += alpha.sum(dim=0).cpu()
+            share = p[:, :, 1:, 0].sum(dim=-1).double() / (lengths - 1)[:, None]
+            self.share_sum[layer] += share.sum(dim=0).cpu()
+
+            eligible = (positions >= 1) & (n_queries >= self.min_queries)  # [batch key]
+            self.n_above += ((alpha > self.eps_min) & eligible[:, None, :]).sum(dim=1).cpu()
+            top, head = alpha.masked_fill(~eligible[:, None, :], -1.0).max(dim=1)
+            better = top.cpu() > self.best
+            self.best = torch.where(better, top.cpu(), self.best)
+            self.best_head = torch.where(better, layer * self.model.cfg.n_heads + head.cpu(), self.best_head)
+
+        return reduce
+
+    def _finish_batch(self) -> None:
+        batch = self.batch
+        tokens = batch.relative_tokens()
+        rows = []
+        for seq, k in (self.n_above > 0).nonzero().tolist():
+            layer, head = divmod(int(self.best_head[seq, k]), self.model.cfg.n_heads)
+            token_id = int(tokens[seq, k])
+            rows.append(
+                (batch.first_index + seq, k, token_id, _token_text(self.model, token_id),
+                 int(self.n_above[seq, k]), float(self.best[seq, k]), layer, head)
+            )
+        self._secondary.append(
+            pd.DataFrame(rows, columns=["seq", "position", "token_id", "token", "n_heads", "max_alpha", "layer", "head"])
+        )
+
+    def report(self, eps: tuple[float, ...]) -> SinkReport:
+        self._finish_batch()
+        counts = self.n_seqs_at.double()
+        alpha = torch.where(counts > 0, self.alpha_sum / counts.clamp(min=1), torch.nan)
+        secondary = pd.concat(self._secondary, ignore_index=True)
+        return SinkReport(
+            alpha=alpha,
+            first_token_share_heads=self.share_sum / self.n_seqs,
+            eps=eps,
+            n_seqs=self.n_seqs,
+            seq_len=self.n_pos,
+            n_seqs_at=self.n_seqs_at,
+            secondary_sinks=secondary,
+            min_queries=self.min_queries,
+        )
+
+
+def sink_scores(
+    model,
+    tokens: Int[Tensor, "*batch pos"],
+    *,
+    eps=(0.3, 0.8),
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+    min_queries: int = 8,
+    progress: bool | None = None,
+) -> SinkReport:
+    """Sink scores of every head and key position, streamed in mini-batches of ``batch_size``.
+
+    ``eps``: thresholds for the sink ratio (Gu et al. use 0.3 at T = 64; Barbero et al. 0.8).
+    Secondary sinks use ``min(eps)`` and only positions seen by at least ``min_queries`` queries.
+    ``attention_mask`` (1 = token, 0 = pad) is required for padded batches.
+    """
+    eps = check_eps(eps)
+    _check_count("min_queries", min_queries, 1)
+    check_tokens(model, tokens)
+    reducer = _SinkReducer(model, tokens.shape[1], eps, min_queries)
+    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
+           progress=progress, description="sink scores")
+    return reducer.report(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# Massive activations
+
+
+def massive_entries(
+    hidden: Float[Tensor, "pos d_model"], *, min_abs: float | int = 100.0, min_ratio: float | int = 1000.0
+) -> tuple[Int[Tensor, "n 2"], Float[Tensor, " n"], float]:
+    """Sun et al.'s rule on one sequence's hidden state: ``|x| > min_abs`` and
+    ``|x| >= min_ratio * median(|x|)``, the median over all positions and channels.
+
+    Returns the (position, channel) index of each entry, its value, and the median.
+    """
+    magnitude = hidden.abs()
+    median = float(magnitude.flatten().median())
+    found = (magnitude > min_abs) & (magnitude >= min_ratio * median)
+    where = found.nonzero()
+    return where, hidden[found], median
+
+
+class _MassiveReducer(Reducer):
+    def __init__(self, model, min_abs: float, min_ratio: float):
+        self.model, self.min_abs, self.min_ratio = model, min_abs, min_ratio
+        self.rows: list[tuple] = []
+        self.n_seqs = 0
+
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        self.n_seqs += batch.tokens.shape[0]
+        self.tokens = batch.relative_tokens()
+
+    def hooks(self):
+        return [(f"blocks.{layer}.hook_resid_post", self._hook(layer)) for layer in range(self.model.cfg.n_layers)]
+
+    def _hook(self, layer: int):
+        def detect(resid: Float[Tensor, "batch pos d_model"], hook) -> None:
+            batch = self.batch
+            resid = batch.align(resid, dims=(1,))
+            for row in range(resid.shape[0]):
+                length = int(batch.lengths[row])
+                where, values, median = massive_entries(
+                    resid[row, :length].float(), min_abs=self.min_abs, min_ratio=self.min_ratio
+                )
+                for (position, channel), value in zip(where.tolist(), values.tolist()):
+                    token_id = int(self.tokens[row, position])
+                    self.rows.append(
+                        (layer, batch.first_index + row, position, channel, value,
+                         abs(value) / median if median > 0 else float("inf"),
+                         _token_text(self.model, token_id))
+                    )
+
+        return detect
+
+    def frame(self) -> pd.DataFrame:
+        # Sorted, so the frame does not depend on the mini-batch size.
+        frame = pd.DataFrame(self.rows, columns=MASSIVE_COLUMNS)
+        frame = frame.sort_values(["seq", "layer", "position", "channel"], ignore_index=True)
+        frame.attrs.update(n_seqs=self.n_seqs, min_abs=self.min_abs, min_ratio=self.min_ratio)
+        return frame
+
+
+def find_massive_activations(
+    model,
+    tokens: Int[Tensor, "*batch pos"],
+    *,
+    min_abs: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Massive activations in the residual stream after each block (``hook_resid_post``).
+
+    One row per entry: layer, seq, position (relative to the first real token), channel, value,
+    ratio_to_median (|value| over the median |x| of that layer's hidden state for that sequence),
+    token. ``frame.attrs`` records n_seqs, min_abs and min_ratio;
+    :func:`stable_massive_channels` summarises the frame.
+    """
+    reducer = _massive_reducer(model, min_abs, min_ratio)
+    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
+           progress=progress, description="massive activations")
+    return reducer.frame()
+
+
+def _massive_reducer(model, min_abs, min_ratio) -> _MassiveReducer:
+    return _MassiveReducer(model, _check_positive("min_abs", min_abs), _check_positive("min_ratio", min_ratio))
+
+
+def stable_massive_channels(activations: pd.DataFrame, *, min_fraction: float = 0.0) -> pd.DataFrame:
+    """Summary per (channel, position role): where massive activations recur across inputs.
+
+    role is ``"first token"`` (relative position 0) or ``"other"``. Columns: first and last layer
+    and how many layers, the fraction of sequences with the pair in some layer, the largest
+    |value|, the median value, and the most frequent token. Rows with ``fraction_of_seqs`` below
+    ``min_fraction`` are dropped; sorted by fraction, then by magnitude.
+    """
+    columns = ["channel", "role", "first_layer", "last_layer", "n_layers", "fraction_of_seqs",
+               "max_abs", "median_value", "top_token"]
+    if "n_seqs" not in activations.attrs:
+        raise SinkInterpError(
+            "activations has no attrs['n_seqs']: pass the frame returned by find_massive_activations"
+        )
+    if activations.empty:
+        return pd.DataFrame(columns=columns)
+    n_seqs = activations.attrs["n_seqs"]
+    frame = activations.assign(role=activations["position"].eq(0).map({True: "first token", False: "other"}))
+    rows = []
+    for (channel, role), group in frame.groupby(["channel", "role"], sort=False):
+        rows.append(
+            (int(channel), role, int(group.layer.min()), int(group.layer.max()), group.layer.nunique(),
+             group.seq.nunique() / n_seqs, float(group.value.abs().max()), float(group.value.median()),
+             Counter(group.token).most_common(1)[0][0])
+        )
+    summary = pd.DataFrame(rows, columns=columns)
+    summary = summary[summary.fraction_of_seqs >= min_fraction]
+    return summary.sort_values(["fraction_of_seqs", "max_abs"], ascending=False, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Query/key/value geometry
+
+
+def _kv_group(model) -> int:
+    n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+    return model.cfg.n_heads // n_kv
+
+
+class _GeometryReducer(Reducer):
+    STATS = ("q_norm", "k_sink_norm", "k_other_norm", "v_sink_norm", "v_other_norm",
+             "cos_q_k_sink", "cos_q_k_other", "logit_sink", "logit_other")
+
+    def __init__(self, model):
+        self.model, self.group = model, _kv_group(model)
+        rotary = "blocks.0.attn.hook_rot_q" in model.hook_dict
+        self.q_hook, self.k_hook = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+        shape = (model.cfg.n_layers, model.cfg.n_heads)
+        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in self.STATS}
+        self.n_seqs = 0
+        self.stash: dict[str, Tensor] = {}
+
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        self.n_seqs += batch.tokens.shape[0]
+
+    def hooks(self):
+        hooks = []
+        for layer in range(self.model.cfg.n_layers):
+            for key, name in (("q", self.q_hook), ("k", self.k_hook), ("v", "hook_v")):
+                hooks.append((f"blocks.{layer}.attn.{name}", self._keep(key)))
+            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", self._hook(layer)))
+        return hooks
+
+    def _keep(self, key: str):
+        def keep(x: Float[Tensor, "batch pos head d_head"], hook) -> None:
+            self.stash[key] = self.batch.align(x, dims=(1,))
+
+        return keep
+
+    def _hook(self, layer: int):
+        # hook_attn_scores fires after q, k (rotated) and v of the same layer: all are stashed.
+        def reduce(scores: Float[Tensor, "batch head query key"], hook) -> None:
+            q = self.stash.pop("q").double()
+            k = self.stash.pop("k").double().repeat_interleave(self.group, dim=2)
+            v = self.stash.pop("v").double().repeat_interleave(self.group, dim=2)
+            scores = self.batch.align(scores, dims=(2, 3)).double()
+            n_pos = q.shape[1]
+            weights = _query_weights(self.batch, q.device)  # mean over positions 1..len-1
+            q_norm, k_norm, v_norm = (x.norm(dim=-1) for x in (q, k, v))  # [batch pos head]
+            stats = {
+                "q_norm": torch.einsum("bph,bp->bh", q_norm, weights),
+                "k_sink_norm": k_norm[:, 0],
+                "k_other_norm": torch.einsum("bph,bp->bh", k_norm, weights),
+                "v_sink_norm": v_norm[:, 0],
+                "v_other_norm": torch.einsum("bph,bp->bh", v_norm, weights),
+            }
+            cos = torch.einsum(
+                "bihd,bjhd->bhij", q / q_norm.clamp(min=1e-12)[..., None], k / k_norm.clamp(min=1e-12)[..., None]
+            )
+            stats["cos_q_k_sink"] = torch.einsum("bhi,bi->bh", cos[..., 0], weights)
+            stats["logit_sink"] = torch.einsum("bhi,bi->bh", scores[..., 0], weights)
+            # Pairs 1 <= j <= i < length: every non-sink key a query can see.
+            positions = torch.arange(n_pos, device=q.device)
+            valid = self.batch.valid().to(q.device)
+            pairs = (positions[None, :] <= positions[:, None]) & (positions[None, :] >= 1)
+            pairs = pairs[None] & valid[:, :, None] & valid[:, None, :]  # [batch i j]
+            n_pairs = pairs.sum(dim=(1, 2)).double()[:, None]
+            pairs = pairs[:, None]
+            stats["cos_q_k_other"] = torch.where(pairs, cos, 0).sum(dim=(-1, -2)) / n_pairs
+            stats["logit_other"] = torch.where(pairs, scores, 0).sum(dim=(-1, -2)) / n_pairs
+            for name, value in stats.items():
+                self.sums[name][layer] += value.sum(dim=0).cpu()
+
+        return reduce
+
+    def frame(self) -> pd.DataFrame:
+        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
+        layers, heads = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
+        frame = pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy()})
+        frame["kv_head"] = frame["head"] // self.group
+        for name in self.STATS:
+            frame[name] = (self.sums[name] / self.n_seqs).flatten().numpy()
+        return frame
+
+
+def qkv_geometry(
+    model,
+    tokens: Int[Tensor, "*batch pos"],
+    *,
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Per (layer, head): is the sink chosen by the norm of its key or by its angle to the queries?
+
+    Columns: ``kv_head`` (query head h reads kv head h // group); mean norms of q_i (i >= 1), of
+    the sink's k and v (relative position 0) and of the other positions' k and v; mean
+    ``cos(q_i, k_sink)`` over queries i >= 1 and ``cos(q_i, k_j)`` over pairs 1 <= j <= i; the
+    attention logits (``hook_attn_scores``, scale included) on the same sets. Rotary models use
+    the rotated q and k, which is what the logit sees (rotation keeps norms).
+    """
+    reducer = _GeometryReducer(model)
+    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
+           progress=progress, description="q/k/v geometry")
+    return reducer.frame()
+
+
+# --------------------------------------------------------------------------------------------
+# Value-weighted attention
+
+
+class _ValueWeightedReducer(Reducer):
+    STATS = ("attn_sink_share", "norm_sink_share", "value_out_norm_sink", "value_out_norm_other")
+
+    def __init__(self, model):
+        self.model, self.group = model, _kv_group(model)
+        # Per-layer W_O [head d_head d_model], read once (TransformerBridge exposes it per block too).
+        self.W_O = [model.blocks[layer].attn.W_O.detach() for layer in range(model.cfg.n_layers)]
+        shape = (model.cfg.n_layers, model.cfg.n_heads)
+        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in self.STATS}
+        self.n_seqs = 0
+        self.value_norm: Tensor | None = None
+
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        self.n_seqs += batch.tokens.shape[0]
+
+    def hooks(self):
+        hooks = []
+        for layer in range(self.model.cfg.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_v", self._values(layer)))
+            hooks.append((f"blocks.{layer}.attn.hook_pattern", self._hook(layer)))
+        return hooks
+
+    def _values(self, layer: int):
+        def keep(v: Float[Tensor, "batch pos kv_head d_head"], hook) -> None:
+            v = self.batch.align(v, dims=(1,)).repeat_interleave(self.group, dim=2)
+            out = torch.einsum("bphd,hdm->bphm", v, self.W_O[layer].to(v.dtype))
+            self.value_norm = out.norm(dim=-1).double().transpose(1, 2)  # [batch head pos]
+
+        return keep
+
+    def _hook(self, layer: int):
+        def reduce(pattern: Float[Tensor, "batch head query key"], hook) -> None:
+            f, self.value_norm = self.value_norm, None
+            a = self.batch.align(pattern, dims=(2, 3)).double()
+            weights = _query_weights(self.batch, a.device)
+            # ||A[i,j] v_j W_O|| = A[i,j] ||v_j W_O|| since A[i,j] >= 0.
+            total = torch.einsum("bhij,bhj->bhi", a, f)
+            sink = a[..., 0] * f[..., :1]
+            stats = {
+                "attn_sink_share": torch.einsum("bhi,bi->bh", a[..., 0], weights),
+                "norm_sink_share": torch.einsum("bhi,bi->bh", sink / total.clamp(min=1e-30), weights),
+                "value_out_norm_sink": f[..., 0],
+                "value_out_norm_other": torch.einsum("bhj,bj->bh", f, weights),
+            }
+            for name, value in stats.items():
+                self.sums[name][layer] += value.sum(dim=0).cpu()
+
+        return reduce
+
+    def frame(self) -> pd.DataFrame:
+        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
+        layers, heads = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
+        frame = pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy()})
+        for name in self.STATS:
+            frame[name] = (self.sums[name] / self.n_seqs).flatten().numpy()
+        frame["no_op_gap"] = frame["attn_sink_share"] - frame["norm_sink_share"]
+        return frame
+
+
+def value_weighted_attention(
+    model,
+    tokens: Int[Tensor, "*batch pos"],
+    *,
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Per (layer, head): attention share of the sink vs its share of the value-weighted norm.
+
+    For queries i >= 1 (Kobayashi et al. 2020): ``attn_sink_share`` = mean A[i, 0];
+    ``norm_sink_share`` = mean of ``||A[i,0] v_0 W_O|| / sum_j ||A[i,j] v_j W_O||`` (per head,
+    without the output bias, which does not depend on attention). ``no_op_gap`` is their
+    difference: a head that attends to the sink but writes little from it has a large gap.
+    Also the mean ``||v W_O||`` of the sink and of the other positions.
+    """
+    reducer = _ValueWeightedReducer(model)
+    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
+           progress=progress, description="value-weighted attention")
+    return reducer.frame()

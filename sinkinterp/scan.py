@@ -1,0 +1,182 @@
+"""The scan: sink scores and massive activations in one streamed pass, with a printable summary
+and a JSON record that says which model, tokens and package versions produced every number."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from jaxtyping import Int
+from torch import Tensor
+
+from sinkinterp._batches import check_eps, check_tokens, stream
+from sinkinterp.errors import SinkInterpError
+from sinkinterp.metrics import SinkReport, _massive_reducer, _SinkReducer, stable_massive_channels
+
+__all__ = ["ScanResult", "scan", "scan_corpus", "package_versions", "describe_model"]
+
+CORPUS_SOURCE = "pydoc_data.topics"
+_BARS = " ▏▎▍▌▋▊▉█"
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for package in ("sinkinterp", "torch", "transformer_lens", "transformers", "numpy", "pandas"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def describe_model(model) -> dict[str, Any]:
+    """``model_info`` for models sinkinterp loaded; the config's name for any other model."""
+    from sinkinterp.models import model_info
+
+    if getattr(model, "sinkinterp_source", None) is not None:
+        return model_info(model)
+    cfg = model.cfg
+    return {"model": getattr(cfg, "model_name", type(model).__name__), "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads, "source": None}
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What ``sinkinterp scan`` measures: a :class:`SinkReport` and the massive activations."""
+
+    sinks: SinkReport
+    massive: pd.DataFrame = field(repr=False)
+    model: dict[str, Any] = field(repr=False)
+    tokens: dict[str, Any] = field(default_factory=dict, repr=False)
+    """How the tokens were made (n_seqs, seq_len, first_token, source), so anyone can rebuild them."""
+
+    @property
+    def stable_channels(self) -> pd.DataFrame:
+        return stable_massive_channels(self.massive)
+
+    def to_dict(self) -> dict[str, Any]:
+        sinks = self.sinks.to_dict()
+        return {
+            "model": self.model,
+            "versions": package_versions(),
+            "tokens": self.tokens,
+            "eps": sinks["eps"],
+            "alpha_first": sinks["alpha_first"],
+            "sink_ratio": sinks["sink_ratio"],
+            "first_token_share": sinks["first_token_share"],
+            "first_token_share_heads": sinks["first_token_share_heads"],
+            "strongest_sink_heads": self.sinks.strongest_heads(10).to_dict(orient="records"),
+            "secondary_sinks": sinks["secondary_sinks"],
+            "massive_activations": self.massive.to_dict(orient="records"),
+            "massive_rule": {key: self.massive.attrs[key] for key in ("min_abs", "min_ratio")},
+            "stable_massive_channels": self.stable_channels.to_dict(orient="records"),
+        }
+
+    def summary(self) -> str:
+        report = self.sinks
+        lines = []
+        t = self.tokens
+        if t:
+            lines.append(
+                f"scan of {t['n_seqs']} sequences x {t['seq_len']} tokens from {t['source']} "
+                f"(first token: {t['first_token']})"
+            )
+        n_heads = report.n_layers * report.n_heads
+        ratios = "   ".join(f"eps={eps:g}: {value:.3f}" for eps, value in report.sink_ratio.items())
+        lines += [
+            f"sink ratio (share of the {n_heads} heads with alpha at k=0 > eps):  {ratios}",
+            "first-token share per layer (mean attention of queries i>=1 on position 0):",
+        ]
+        for layer, share in enumerate(report.first_token_share.tolist()):
+            lines.append(f"  L{layer:<3d} {share:5.2f} {_bar(share)}")
+        heads = ", ".join(f"{r.name} {r.alpha:.2f}" for r in report.strongest_heads(8).itertuples())
+        lines.append(f"strongest sink heads (alpha at k=0): {heads}")
+        tokens = report.secondary_tokens().head(5)
+        found = ", ".join(f"{r.token!r} x{r.count}" for r in tokens.itertuples()) or "none"
+        lines.append(
+            f"secondary sinks (alpha > {min(report.eps):g} at k>0 in some head, per sequence): "
+            f"{len(report.secondary_sinks)}; most frequent tokens: {found}"
+        )
+        attrs = self.massive.attrs
+        lines.append(
+            f"massive activations (|x| > {attrs['min_abs']:g} and >= {attrs['min_ratio']:g} x median): "
+            f"{len(self.massive)} entries in {self.massive.layer.nunique()} layers"
+        )
+        stable = self.stable_channels
+        if stable.empty:
+            lines.append("  no massive activations")
+        for r in stable.head(6).itertuples():
+            lines.append(
+                f"  channel {r.channel:<5d} at {r.role:<11s} layers {r.first_layer}-{r.last_layer}, "
+                f"in {r.fraction_of_seqs:.0%} of sequences, max |x| {r.max_abs:,.0f}, "
+                f"most often on {r.top_token!r}"
+            )
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def _bar(share: float, width: int = 30) -> str:
+    eighths = round(max(0.0, min(1.0, share)) * width * 8)
+    full, part = divmod(eighths, 8)
+    return "█" * full + (_BARS[part] if part else "")
+
+
+def scan(
+    model,
+    tokens: Int[Tensor, "*batch pos"],
+    *,
+    eps=(0.3, 0.8),
+    attention_mask: Tensor | None = None,
+    min_abs: float | int = 100.0,
+    min_ratio: float | int = 1000.0,
+    batch_size: int = 8,
+    min_queries: int = 8,
+    progress: bool | None = None,
+    token_spec: dict[str, Any] | None = None,
+) -> ScanResult:
+    """Sink scores and massive activations of ``tokens`` in one pass (one forward per mini-batch)."""
+    eps = check_eps(eps)
+    check_tokens(model, tokens)
+    sinks = _SinkReducer(model, tokens.shape[1], eps, min_queries)
+    massive = _massive_reducer(model, min_abs, min_ratio)
+    stream(model, tokens, [sinks, massive], attention_mask=attention_mask, batch_size=batch_size,
+           progress=progress, description="scan")
+    spec = token_spec or {"n_seqs": tokens.shape[0], "seq_len": tokens.shape[1],
+                          "first_token": None, "source": "tokens passed by the caller"}
+    return ScanResult(sinks.report(eps), massive.frame(), describe_model(model), spec)
+
+
+def scan_corpus(
+    model,
+    *,
+    text_file: str | Path | None = None,
+    n_seqs: int = 32,
+    seq_len: int = 64,
+    first_token: str | int = "none",
+    **kwargs,
+) -> ScanResult:
+    """:func:`scan` on ``corpus_tokens`` of the offline corpus or of ``text_file``."""
+    from sinkinterp.data import corpus_tokens
+
+    if text_file is None:
+        text, source = None, {"source": CORPUS_SOURCE}
+    else:
+        path = Path(text_file)
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise SinkInterpError(f"cannot read text file {str(path)!r}: {e.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SinkInterpError(f"text file {str(path)!r} is not UTF-8 text") from None
+        source = {"source": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
+    tokens = corpus_tokens(model, n_seqs, seq_len, text=text, first_token=first_token)
+    spec = {"n_seqs": n_seqs, "seq_len": seq_len, "first_token": first_token, **source}
+    return scan(model, tokens, token_spec=spec, **kwargs)
