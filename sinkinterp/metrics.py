@@ -154,9 +154,10 @@ class SinkReport:
         """Which tokens are secondary sinks, and how often (from :attr:`secondary_sinks`)."""
         frame = self.secondary_sinks
         if frame.empty:
-            return pd.DataFrame(columns=["token", "count", "n_seqs", "mean_max_alpha"])
+            return pd.DataFrame(columns=["token", "count", "n_seqs", "mean_max_alpha", "median_position"])
         grouped = frame.groupby("token", sort=False).agg(
-            count=("seq", "size"), n_seqs=("seq", "nunique"), mean_max_alpha=("max_alpha", "mean")
+            count=("seq", "size"), n_seqs=("seq", "nunique"), mean_max_alpha=("max_alpha", "mean"),
+            median_position=("position", "median"),
         )
         return grouped.sort_values(["count", "mean_max_alpha"], ascending=False).reset_index()
 
@@ -443,22 +444,50 @@ def _kv_group(model) -> int:
     return model.cfg.n_heads // n_kv
 
 
-class _GeometryReducer(Reducer):
-    STATS = ("q_norm", "k_sink_norm", "k_other_norm", "v_sink_norm", "v_other_norm",
-             "cos_q_k_sink", "cos_q_k_other", "logit_sink", "logit_other")
+class _PerHeadReducer(Reducer):
+    """Sums of per-sequence statistics per (layer, head), read out as a DataFrame of means."""
+
+    STATS: tuple[str, ...] = ()
 
     def __init__(self, model):
         self.model, self.group = model, _kv_group(model)
-        rotary = "blocks.0.attn.hook_rot_q" in model.hook_dict
-        self.q_hook, self.k_hook = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
         shape = (model.cfg.n_layers, model.cfg.n_heads)
         self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in self.STATS}
         self.n_seqs = 0
-        self.stash: dict[str, Tensor] = {}
 
     def begin(self, batch: Batch) -> None:
         super().begin(batch)
         self.n_seqs += batch.tokens.shape[0]
+
+    def add(self, layer: int, stats: dict[str, Tensor]) -> None:
+        """Add per-sequence values ``[batch head]`` of each statistic."""
+        for name, value in stats.items():
+            self.sums[name][layer] += value.sum(dim=0).cpu()
+
+    def frame(self) -> pd.DataFrame:
+        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
+        layers, heads = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
+        frame = pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy()})
+        frame["kv_head"] = frame["head"] // self.group
+        for name in self.STATS:
+            frame[name] = (self.sums[name] / self.n_seqs).flatten().numpy()
+        return frame
+
+
+def _measure(reducer: _PerHeadReducer, model, tokens, description: str, **kwargs) -> pd.DataFrame:
+    stream(model, tokens, [reducer], description=description, **kwargs)
+    return reducer.frame()
+
+
+class _GeometryReducer(_PerHeadReducer):
+    STATS = ("q_norm", "k_sink_norm", "k_other_norm", "v_sink_norm", "v_other_norm",
+             "cos_q_k_sink", "cos_q_k_other", "logit_sink", "logit_other")
+
+    def __init__(self, model):
+        super().__init__(model)
+        rotary = "blocks.0.attn.hook_rot_q" in model.hook_dict
+        self.q_hook, self.k_hook = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+        self.stash: dict[str, Tensor] = {}
 
     def hooks(self):
         hooks = []
@@ -505,19 +534,9 @@ class _GeometryReducer(Reducer):
             pairs = pairs[:, None]
             stats["cos_q_k_other"] = torch.where(pairs, cos, 0).sum(dim=(-1, -2)) / n_pairs
             stats["logit_other"] = torch.where(pairs, scores, 0).sum(dim=(-1, -2)) / n_pairs
-            for name, value in stats.items():
-                self.sums[name][layer] += value.sum(dim=0).cpu()
+            self.add(layer, stats)
 
         return reduce
-
-    def frame(self) -> pd.DataFrame:
-        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
-        layers, heads = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
-        frame = pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy()})
-        frame["kv_head"] = frame["head"] // self.group
-        for name in self.STATS:
-            frame[name] = (self.sums[name] / self.n_seqs).flatten().numpy()
-        return frame
 
 
 def qkv_geometry(
@@ -536,31 +555,22 @@ def qkv_geometry(
     attention logits (``hook_attn_scores``, scale included) on the same sets. Rotary models use
     the rotated q and k, which is what the logit sees (rotation keeps norms).
     """
-    reducer = _GeometryReducer(model)
-    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
-           progress=progress, description="q/k/v geometry")
-    return reducer.frame()
+    return _measure(_GeometryReducer(model), model, tokens, "q/k/v geometry",
+                    attention_mask=attention_mask, batch_size=batch_size, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
 # Value-weighted attention
 
 
-class _ValueWeightedReducer(Reducer):
+class _ValueWeightedReducer(_PerHeadReducer):
     STATS = ("attn_sink_share", "norm_sink_share", "value_out_norm_sink", "value_out_norm_other")
 
     def __init__(self, model):
-        self.model, self.group = model, _kv_group(model)
+        super().__init__(model)
         # Per-layer W_O [head d_head d_model], read once (TransformerBridge exposes it per block too).
         self.W_O = [model.blocks[layer].attn.W_O.detach() for layer in range(model.cfg.n_layers)]
-        shape = (model.cfg.n_layers, model.cfg.n_heads)
-        self.sums = {name: torch.zeros(shape, dtype=torch.float64) for name in self.STATS}
-        self.n_seqs = 0
         self.value_norm: Tensor | None = None
-
-    def begin(self, batch: Batch) -> None:
-        super().begin(batch)
-        self.n_seqs += batch.tokens.shape[0]
 
     def hooks(self):
         hooks = []
@@ -591,17 +601,12 @@ class _ValueWeightedReducer(Reducer):
                 "value_out_norm_sink": f[..., 0],
                 "value_out_norm_other": torch.einsum("bhj,bj->bh", f, weights),
             }
-            for name, value in stats.items():
-                self.sums[name][layer] += value.sum(dim=0).cpu()
+            self.add(layer, stats)
 
         return reduce
 
     def frame(self) -> pd.DataFrame:
-        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
-        layers, heads = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
-        frame = pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy()})
-        for name in self.STATS:
-            frame[name] = (self.sums[name] / self.n_seqs).flatten().numpy()
+        frame = super().frame()
         frame["no_op_gap"] = frame["attn_sink_share"] - frame["norm_sink_share"]
         return frame
 
@@ -622,7 +627,5 @@ def value_weighted_attention(
     difference: a head that attends to the sink but writes little from it has a large gap.
     Also the mean ``||v W_O||`` of the sink and of the other positions.
     """
-    reducer = _ValueWeightedReducer(model)
-    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
-           progress=progress, description="value-weighted attention")
-    return reducer.frame()
+    return _measure(_ValueWeightedReducer(model), model, tokens, "value-weighted attention",
+                    attention_mask=attention_mask, batch_size=batch_size, progress=progress)

@@ -96,7 +96,9 @@ class ScanResult:
         heads = ", ".join(f"{r.name} {r.alpha:.2f}" for r in report.strongest_heads(8).itertuples())
         lines.append(f"strongest sink heads (alpha at k=0): {heads}")
         tokens = report.secondary_tokens().head(5)
-        found = ", ".join(f"{r.token!r} x{r.count}" for r in tokens.itertuples()) or "none"
+        found = ", ".join(
+            f"{r.token!r} x{r.count} (median position {r.median_position:g})" for r in tokens.itertuples()
+        ) or "none"
         lines.append(
             f"secondary sinks (alpha > {min(report.eps):g} at k>0 in some head, per sequence): "
             f"{len(report.secondary_sinks)}; most frequent tokens: {found}"
