@@ -409,12 +409,15 @@ def stable_massive_channels(activations: pd.DataFrame, *, min_fraction: float = 
     """Summary per (channel, position role): where massive activations recur across inputs.
 
     role is ``"first token"`` (relative position 0) or ``"other"``. Columns: first and last layer
-    and how many layers, the fraction of sequences with the pair in some layer, the largest
-    |value|, the median value, and the most frequent token. Rows with ``fraction_of_seqs`` below
-    ``min_fraction`` are dropped; sorted by fraction, then by magnitude.
+    where the pair occurs in any sequence and how many layers; ``core_first_layer`` /
+    ``core_last_layer``, the same over the layers where it occurs in at least half of the
+    sequences (None if no layer does), so that one odd sequence does not stretch the range; the
+    fraction of sequences with the pair in some layer; the largest |value|, the median value, and
+    the most frequent token. Rows with ``fraction_of_seqs`` below ``min_fraction`` are dropped;
+    sorted by fraction, then by magnitude.
     """
-    columns = ["channel", "role", "first_layer", "last_layer", "n_layers", "fraction_of_seqs",
-               "max_abs", "median_value", "top_token"]
+    columns = ["channel", "role", "first_layer", "last_layer", "n_layers", "core_first_layer",
+               "core_last_layer", "fraction_of_seqs", "max_abs", "median_value", "top_token"]
     if "n_seqs" not in activations.attrs:
         raise SinkInterpError(
             "activations has no attrs['n_seqs']: pass the frame returned by find_massive_activations"
@@ -425,8 +428,11 @@ def stable_massive_channels(activations: pd.DataFrame, *, min_fraction: float = 
     frame = activations.assign(role=activations["position"].eq(0).map({True: "first token", False: "other"}))
     rows = []
     for (channel, role), group in frame.groupby(["channel", "role"], sort=False):
+        per_layer = group.groupby("layer").seq.nunique() / n_seqs
+        core = per_layer[per_layer >= 0.5].index
         rows.append(
             (int(channel), role, int(group.layer.min()), int(group.layer.max()), group.layer.nunique(),
+             int(core.min()) if len(core) else None, int(core.max()) if len(core) else None,
              group.seq.nunique() / n_seqs, float(group.value.abs().max()), float(group.value.median()),
              Counter(group.token).most_common(1)[0][0])
         )

@@ -112,8 +112,9 @@ class ScanResult:
         if stable.empty:
             lines.append("  no massive activations")
         for r in stable.head(6).itertuples():
+            core = "" if pd.isna(r.core_first_layer) else f" (in most sequences: {r.core_first_layer:.0f}-{r.core_last_layer:.0f})"
             lines.append(
-                f"  channel {r.channel:<5d} at {r.role:<11s} layers {r.first_layer}-{r.last_layer}, "
+                f"  channel {r.channel:<5d} at {r.role:<11s} layers {r.first_layer}-{r.last_layer}{core}, "
                 f"in {r.fraction_of_seqs:.0%} of sequences, max |x| {r.max_abs:,.0f}, "
                 f"most often on {r.top_token!r}"
             )

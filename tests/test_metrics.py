@@ -334,6 +334,9 @@ def test_stable_channels_separate_roles_and_filter_by_fraction():
     assert stable[["channel", "role", "first_layer", "last_layer", "fraction_of_seqs", "top_token"]].values.tolist() == [
         [9, "first token", 3, 4, 0.5, "a"], [9, "other", 2, 2, 0.25, "\n"]
     ]
+    # Layer 3 has the first-token pair in 2 of 4 sequences (core), layer 4 in 1 (not core).
+    assert stable[["core_first_layer", "core_last_layer"]].values.tolist()[0] == [3, 3]
+    assert stable.core_first_layer.isna().tolist() == [False, True]
     assert len(stable_massive_channels(frame, min_fraction=0.5)) == 1
     with pytest.raises(SinkInterpError, match="n_seqs"):
         stable_massive_channels(frame.drop(columns=[]).pipe(lambda f: pd.DataFrame(f.to_dict())))

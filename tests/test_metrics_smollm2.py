@@ -59,6 +59,8 @@ def test_stable_massive_channel_at_the_first_token(smollm2, tokens):
     top = stable.iloc[0]
     assert (top.channel, top.role, top.fraction_of_seqs) == (507, "first token", 1.0)
     assert top.first_layer <= 12 and top.last_layer >= 27 and top.max_abs > 20_000
+    # Written by block 11 and kept through block 27 in every sequence (measured on 32 x 64 too).
+    assert (top.core_first_layer, top.core_last_layer) == (11, 27)
     first = found[(found.channel == 507) & (found.position == 0) & (found.layer == 20)]
     assert len(first) == 3 and (first.ratio_to_median > 1000).all()
 
