@@ -1,0 +1,849 @@
+"""Causal interventions on the sink, as values (DESIGN.md §3).
+
+Each intervention is a frozen dataclass: it prints, compares, and round-trips through
+``to_dict`` / ``Intervention.from_dict`` (JSON or YAML). Statistics it needs (mean values, fitted
+biases, patch sources) are computed once by a classmethod from reference tokens and stored as
+numbers, so the object can be saved and applied again without the reference data.
+``.hooks(model)`` validates it against the model and compiles it to TransformerLens forward hooks
+``[(hook_name, fn), ...]``, which work with ``intervene``, ``model.hooks`` and
+``model.run_with_hooks``, on HookedTransformer and TransformerBridge alike.
+
+Positions are absolute (no padding). Query head h reads key/value head ``h // group``; per-head
+interventions act on scores, pattern or z, so they never touch the other heads of a group,
+except :class:`ReplaceSinkKey`, which changes a key and so needs whole groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from sinkinterp.errors import SinkInterpError
+
+__all__ = [
+    "Intervention",
+    "MaskSinkKey",
+    "AblateSinkValue",
+    "ReplaceSinkKey",
+    "EditMassiveChannels",
+    "PatchFirstTokenResidual",
+    "ConstantAttentionBias",
+    "fit_constant_bias",
+    "intervene",
+    "INTERVENTIONS",
+]
+
+Hook = tuple[str, Callable]
+# Field types users fill in loosely (lists, tuples, tensors); __post_init__ validates and freezes
+# them into tuples, with a SinkInterpError naming the bad value.
+IntsLike = Any
+NumbersLike = Any
+INTERVENTIONS: dict[str, type[Intervention]] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Values: nested tuples of floats (hashable, comparable, JSON-ready) <-> tensors
+
+
+def _freeze(value):
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().double().tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value) if isinstance(value, float) else value
+    return value
+
+
+def _thaw(value):
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _shape(value) -> tuple[int, ...]:
+    shape = []
+    while isinstance(value, tuple):
+        shape.append(len(value))
+        value = value[0] if value else None
+    return tuple(shape)
+
+
+def _tensor(value, device=None) -> Tensor:
+    return torch.tensor(_thaw(value), dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation against the model
+
+
+def _n_kv(model) -> int:
+    return getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+
+
+def _group(model) -> int:
+    return model.cfg.n_heads // _n_kv(model)
+
+
+def _select(label: str, chosen, n: int, unit: str) -> list[int]:
+    if chosen is None:
+        return list(range(n))
+    for value in chosen:
+        if not 0 <= value < n:
+            raise SinkInterpError(f"{label} {value} out of range: model has {n} {unit} (0..{n - 1})")
+    return list(chosen)
+
+
+def _layers(model, layers) -> list[int]:
+    return _select("layer", layers, model.cfg.n_layers, "layers")
+
+
+def _heads(model, heads) -> list[int]:
+    return _select("head", heads, model.cfg.n_heads, "heads")
+
+
+def _check_position(model, position: int) -> None:
+    if not 0 <= position < model.cfg.n_ctx:
+        raise SinkInterpError(f"position {position} out of range: model context is 0..{model.cfg.n_ctx - 1}")
+
+
+def _check_seq(position: int, n_pos: int, what: str) -> None:
+    if position >= n_pos:
+        raise SinkInterpError(f"{what} position {position} is beyond this input's {n_pos} positions")
+
+
+def _check_shape(label: str, value, expected: tuple[int, ...]) -> None:
+    got = _shape(value)
+    if got != expected:
+        raise SinkInterpError(f"{label} has shape {got}, expected {expected}")
+
+
+def _ints(label: str, values) -> tuple[int, ...] | None:
+    if values is None:
+        return None
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    values = tuple(values)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SinkInterpError(f"{label} must be integers, got {value!r}")
+    if len(set(values)) != len(values):
+        raise SinkInterpError(f"{label} {values} repeats an entry")
+    return values
+
+
+def _check_mode(cls_name: str, mode: str, allowed: Sequence[str]) -> None:
+    if mode not in allowed:
+        raise SinkInterpError(f"{cls_name} mode {mode!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_from_query(from_query, position: int) -> None:
+    if isinstance(from_query, bool) or not isinstance(from_query, int) or from_query <= position:
+        raise SinkInterpError(
+            f"from_query {from_query!r} must be an integer > position {position}: the sink's own row "
+            "(and the rows before it) must stay untouched"
+        )
+
+
+def _check_int(label: str, value, low: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SinkInterpError(f"{label} must be an integer >= {low}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# The base class
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Base class: a value that compiles to forward hooks. Subclasses register by name."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        INTERVENTIONS[cls.__name__] = cls
+
+    def hooks(self, model) -> list[Hook]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        record = {"type": type(self).__name__}
+        for f in dataclasses.fields(self):
+            record[f.name] = _thaw(getattr(self, f.name))
+        return record
+
+    @staticmethod
+    def from_dict(record: dict[str, Any]) -> Intervention:
+        if not isinstance(record, dict) or "type" not in record:
+            raise SinkInterpError(f"an intervention record is a dict with a 'type' key, got {record!r}")
+        name = record["type"]
+        cls = INTERVENTIONS.get(name)
+        if cls is None:
+            allowed = ", ".join(sorted(INTERVENTIONS))
+            raise SinkInterpError(f"unknown intervention {name!r}: use one of {allowed}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - fields - {"type"})
+        if unknown:
+            raise SinkInterpError(f"{name} has no field {unknown[0]!r}: its fields are {', '.join(sorted(fields))}")
+        return cls(**{k: v for k, v in record.items() if k != "type"})
+
+    def __repr__(self) -> str:
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            shape = _shape(value)
+            if len(shape) >= 2 or (len(shape) == 1 and shape[0] > 8):
+                text = f"<{'x'.join(map(str, shape))} numbers>"
+            else:
+                text = repr(value)
+            parts.append(f"{f.name}={text}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _norm_common(self, *, heads: bool = True) -> None:
+    object.__setattr__(self, "layers", _ints("layers", self.layers))
+    if heads:
+        object.__setattr__(self, "heads", _ints("heads", self.heads))
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Mask the sink's key
+
+
+def _key_mask(n_pos: int, heads: list[int], n_heads: int, position: int, from_query: int, device) -> Tensor:
+    """[head, query, key] True where the score of ``position`` is removed."""
+    mask = torch.zeros(n_heads, n_pos, n_pos, dtype=torch.bool, device=device)
+    mask[heads, from_query:, position] = True
+    return mask
+
+
+@dataclass(frozen=True, repr=False)
+class MaskSinkKey(Intervention):
+    """Remove key ``position`` before the softmax for queries i >= ``from_query`` (they renormalise
+    over the other keys). Rows i < from_query keep the sink, so position 1 does not turn into a
+    new sink (DESIGN.md §3.1)."""
+
+    layers: IntsLike = None
+    heads: IntsLike = None
+    position: int = 0
+    from_query: int = 16
+
+    def __post_init__(self):
+        _norm_common(self)
+        _check_int("position", self.position)
+        _check_from_query(self.from_query, self.position)
+
+    def hooks(self, model) -> list[Hook]:
+        layers, heads = _layers(model, self.layers), _heads(model, self.heads)
+        _check_position(model, self.position)
+        n_heads = model.cfg.n_heads
+
+        def mask(scores, hook):
+            _check_seq(self.position, scores.shape[-1], "MaskSinkKey")
+            removed = _key_mask(scores.shape[-1], heads, n_heads, self.position, self.from_query, scores.device)
+            return scores.masked_fill(removed, float("-inf"))
+
+        return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in layers]
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Ablate the sink's value contribution
+
+
+def _expand_kv(x: Tensor, group: int, dim: int) -> Tensor:
+    return x.repeat_interleave(group, dim=dim)
+
+
+@dataclass(frozen=True, repr=False)
+class AblateSinkValue(Intervention):
+    """Remove (``"zero"``) or replace (``"mean"``, ``"patch"``) the sink's value contribution
+    ``A[i, position] * v_position`` to queries i >= ``from_query``, without renormalising.
+
+    Acts on ``hook_z``, so the sink's own row, its residual stream and its key stay untouched
+    (zeroing ``hook_v`` would change them: DESIGN.md §3.2). ``value`` holds the replacement per
+    selected layer and head ([layers][heads][d_head]), from :meth:`fit`.
+    """
+
+    layers: IntsLike = None
+    heads: IntsLike = None
+    position: int = 0
+    mode: str = "zero"
+    from_query: int = 1
+    value: NumbersLike = None
+
+    MODES: ClassVar[tuple[str, ...]] = ("zero", "mean", "patch")
+
+    def __post_init__(self):
+        _norm_common(self)
+        _check_mode("AblateSinkValue", self.mode, self.MODES)
+        _check_int("position", self.position)
+        _check_from_query(self.from_query, self.position)
+        object.__setattr__(self, "value", _freeze(self.value))
+        if self.mode == "zero" and self.value is not None:
+            raise SinkInterpError("AblateSinkValue mode 'zero' takes no value")
+        if self.mode != "zero" and self.value is None:
+            raise SinkInterpError(
+                f"AblateSinkValue mode {self.mode!r} needs stored values: build it with "
+                f"AblateSinkValue.fit(model, tokens, mode={self.mode!r}, ...)"
+            )
+
+    @classmethod
+    def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, mode: str = "mean", layers=None, heads=None,
+            position: int = 0, from_query: int = 1) -> AblateSinkValue:
+        """``"mean"``: the sink's value averaged over ``tokens``; ``"patch"``: the sink value of
+        ``tokens`` (one sequence, another input)."""
+        _check_mode("AblateSinkValue.fit", mode, ("mean", "patch"))
+        if mode == "patch" and tokens.shape[0] != 1:
+            raise SinkInterpError(f"mode 'patch' takes one source sequence, got {tokens.shape[0]}")
+        selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
+        values = _capture(model, tokens, "attn.hook_v", selected_layers, position)  # [layer, batch, kv, d]
+        per_head = _expand_kv(values.mean(dim=1), _group(model), dim=1)[:, selected_heads]
+        return cls(layers=layers, heads=heads, position=position, mode=mode, from_query=from_query, value=per_head)
+
+    def hooks(self, model) -> list[Hook]:
+        layers, heads = _layers(model, self.layers), _heads(model, self.heads)
+        _check_position(model, self.position)
+        if self.value is not None:
+            _check_shape("AblateSinkValue value", self.value, (len(layers), len(heads), model.cfg.d_head))
+        group, p, fq = _group(model), self.position, self.from_query
+        value = None if self.value is None else _tensor(self.value)
+        hooks = []
+        for index, layer in enumerate(layers):
+            state: dict[str, Tensor] = {}
+
+            def keep_v(v, hook, state=state):
+                _check_seq(p, v.shape[1], "AblateSinkValue")
+                state["v"] = v[:, p]  # [batch kv d_head]
+
+            def keep_a(pattern, hook, state=state):
+                state["a"] = pattern[:, heads, fq:, p]  # [batch heads query]
+
+            def edit_z(z, hook, state=state, index=index):
+                v_sink = _expand_kv(state.pop("v"), group, dim=1)[:, heads]  # [batch heads d]
+                a = state.pop("a")
+                target = torch.zeros_like(v_sink) if value is None else value[index].to(z)[None].expand_as(v_sink)
+                delta = a[..., None] * (target - v_sink)[:, :, None, :]  # [batch heads query d]
+                return _add_at(z, delta.transpose(1, 2), fq, heads)
+
+            hooks += [(f"blocks.{layer}.attn.hook_v", keep_v), (f"blocks.{layer}.attn.hook_pattern", keep_a),
+                      (f"blocks.{layer}.attn.hook_z", edit_z)]
+        return hooks
+
+
+def _add_at(z: Tensor, delta: Tensor, from_query: int, heads: list[int]) -> Tensor:
+    """``z`` [batch pos head d] plus ``delta`` [batch pos-from_query len(heads) d] on those rows/heads."""
+    full = torch.zeros_like(z)
+    full[:, from_query:, heads] = delta.to(z.dtype)
+    return z + full
+
+
+def _capture(model, tokens: Tensor, hook: str, layers: list[int], position: int | None) -> Tensor:
+    """A clean run's activation at ``blocks.{l}.{hook}`` for each layer, at ``position`` (or all)."""
+    from sinkinterp._batches import check_tokens
+
+    check_tokens(model, tokens)
+    if position is not None:
+        _check_seq(position, tokens.shape[1], "reference")
+    names = [f"blocks.{layer}.{hook}" for layer in layers]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names, return_type=None)
+    return torch.stack([
+        (cache[name] if position is None else cache[name][:, position]).detach().float().cpu() for name in names
+    ])
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Replace the sink's key
+
+
+@dataclass(frozen=True, repr=False)
+class ReplaceSinkKey(Intervention):
+    """Keep the sink's slot but give it another key: the mean key of the other positions
+    (``"mean_other"``) or another input's sink key (``"patch"``), before rotary embedding.
+
+    Keys are shared by the query heads of a kv group, so ``heads`` must be whole groups.
+    ``key`` holds the new key per selected layer and kv head ([layers][kv_heads][d_head]).
+    """
+
+    key: NumbersLike = ()
+    layers: IntsLike = None
+    heads: IntsLike = None
+    position: int = 0
+    mode: str = "mean_other"
+
+    MODES: ClassVar[tuple[str, ...]] = ("mean_other", "patch")
+
+    def __post_init__(self):
+        _norm_common(self)
+        _check_mode("ReplaceSinkKey", self.mode, self.MODES)
+        _check_int("position", self.position)
+        object.__setattr__(self, "key", _freeze(self.key))
+
+    @classmethod
+    def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, mode: str = "mean_other", layers=None,
+            heads=None, position: int = 0) -> ReplaceSinkKey:
+        """``"mean_other"``: keys of every other position of ``tokens``, averaged; ``"patch"``: the
+        key at ``position`` of ``tokens`` (one sequence, another input)."""
+        _check_mode("ReplaceSinkKey", mode, cls.MODES)
+        selected_layers = _layers(model, _ints("layers", layers))
+        kv_heads = _kv_heads(model, _heads(model, _ints("heads", heads)), heads)
+        if mode == "patch":
+            if tokens.shape[0] != 1:
+                raise SinkInterpError(f"mode 'patch' takes one source sequence, got {tokens.shape[0]}")
+            keys = _capture(model, tokens, "attn.hook_k", selected_layers, position)[:, 0]
+        else:
+            keys = _capture(model, tokens, "attn.hook_k", selected_layers, None)  # [layer batch pos kv d]
+            others = [j for j in range(tokens.shape[1]) if j != position]
+            keys = keys[:, :, others].mean(dim=(1, 2))
+        return cls(key=keys[:, kv_heads], layers=layers, heads=heads, position=position, mode=mode)
+
+    def hooks(self, model) -> list[Hook]:
+        layers = _layers(model, self.layers)
+        kv_heads = _kv_heads(model, _heads(model, self.heads), self.heads)
+        _check_position(model, self.position)
+        _check_shape("ReplaceSinkKey key", self.key, (len(layers), len(kv_heads), model.cfg.d_head))
+        key, p = _tensor(self.key), self.position
+        hooks = []
+        for index, layer in enumerate(layers):
+            def replace(k, hook, index=index):
+                _check_seq(p, k.shape[1], "ReplaceSinkKey")
+                k = k.clone()
+                k[:, p, kv_heads] = key[index].to(k)
+                return k
+
+            hooks.append((f"blocks.{layer}.attn.hook_k", replace))
+        return hooks
+
+
+def _kv_heads(model, heads: list[int], asked) -> list[int]:
+    """The kv heads behind query ``heads``; refuse a selection that splits a group."""
+    group = _group(model)
+    kv_heads = sorted({h // group for h in heads})
+    for kv in kv_heads:
+        members = list(range(kv * group, (kv + 1) * group))
+        if not set(members) <= set(heads):
+            raise SinkInterpError(
+                f"heads {tuple(asked)} split kv group {kv} (query heads {members}): keys are shared by "
+                f"groups of {group} query heads, so a key intervention needs whole groups or heads=None"
+            )
+    return kv_heads
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Edit massive channels
+
+
+@dataclass(frozen=True, repr=False)
+class EditMassiveChannels(Intervention):
+    """Set residual-stream ``channels`` at ``positions`` after the chosen blocks (``hook_resid_post``)
+    to zero, to their reference mean (``values``: [layers][channels]), or scale them by ``factor``.
+
+    ``channels=None`` stands for the stable channels the detector finds: resolve it with
+    :meth:`fit`. :meth:`random_control` edits as many random non-massive channels of comparable
+    typical magnitude instead.
+    """
+
+    channels: IntsLike = None
+    positions: IntsLike = (0,)
+    layers: IntsLike = None
+    mode: str = "zero"
+    factor: NumbersLike = None
+    values: NumbersLike = None
+
+    MODES: ClassVar[tuple[str, ...]] = ("zero", "mean", "scale")
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", _ints("channels", self.channels))
+        object.__setattr__(self, "positions", _ints("positions", self.positions))
+        _norm_common(self, heads=False)
+        _check_mode("EditMassiveChannels", self.mode, self.MODES)
+        object.__setattr__(self, "values", _freeze(self.values))
+        if not self.positions:
+            raise SinkInterpError("EditMassiveChannels positions is empty")
+        if (self.mode == "scale") != (self.factor is not None):
+            raise SinkInterpError("EditMassiveChannels takes factor with mode 'scale' and only then")
+        if self.mode == "scale":
+            if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not math.isfinite(self.factor):
+                raise SinkInterpError(f"factor must be a finite number, got {self.factor!r}")
+            object.__setattr__(self, "factor", float(self.factor))
+        if (self.mode == "mean") != (self.values is not None):
+            raise SinkInterpError(
+                "EditMassiveChannels mode 'mean' needs stored values (build it with "
+                "EditMassiveChannels.fit(model, tokens, mode='mean')), and other modes take none"
+            )
+
+    @classmethod
+    def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, channels=None, positions=(0,), layers=None,
+            mode: str = "zero", factor: float | None = None, min_fraction: float = 0.5) -> EditMassiveChannels:
+        """Resolve ``channels=None`` to the detector's stable channels at these positions (found in
+        at least ``min_fraction`` of the sequences of ``tokens``) and, for ``"mean"``, store the
+        reference mean of each channel at ``positions`` after each selected block."""
+        from sinkinterp.metrics import find_massive_activations, stable_massive_channels
+
+        positions = _ints("positions", positions)
+        if channels is None:
+            found = find_massive_activations(model, tokens, progress=False)
+            found = found[found.position.isin(positions)]
+            found.attrs["n_seqs"] = tokens.shape[0]
+            stable = stable_massive_channels(found, min_fraction=min_fraction)
+            channels = tuple(sorted(int(c) for c in stable.channel.unique()))
+            if not channels:
+                raise SinkInterpError(
+                    f"no massive channel at positions {positions} in at least {min_fraction:.0%} of the "
+                    "reference sequences: pass channels explicitly"
+                )
+        channels = _ints("channels", channels)
+        values = None
+        if mode == "mean":
+            values = _channel_means(model, tokens, _layers(model, _ints("layers", layers)), positions, channels)
+        return cls(channels=channels, positions=positions, layers=layers, mode=mode, factor=factor, values=values)
+
+    def random_control(self, model, tokens: Int[Tensor, "batch pos"], *, seed: int = 0,
+                       pool: int = 10) -> EditMassiveChannels:
+        """The same edit on ``len(channels)`` random channels that are never massive in ``tokens``
+        and whose typical magnitude (median |x| at the edited positions, over the edited layers)
+        is closest to the edited channels': drawn (seeded) from the ``pool`` x n nearest in log
+        magnitude to the edited channels' median."""
+        from sinkinterp.metrics import find_massive_activations
+
+        if self.channels is None:
+            raise SinkInterpError("random_control needs resolved channels: call fit(model, tokens) first")
+        layers = _layers(model, self.layers)
+        massive = set(find_massive_activations(model, tokens, progress=False).channel.tolist()) | set(self.channels)
+        resid = _capture(model, tokens, "hook_resid_post", layers, None)  # [layer batch pos d_model]
+        typical = resid[:, :, list(self.positions)].abs().flatten(0, 2).median(dim=0).values  # [d_model]
+        target = typical[list(self.channels)].median().clamp(min=1e-12).log()
+        candidates = [c for c in range(model.cfg.d_model) if c not in massive]
+        candidates.sort(key=lambda c: abs(float(typical[c].clamp(min=1e-12).log() - target)))
+        chosen = tuple(sorted(random.Random(seed).sample(candidates[: pool * len(self.channels)], len(self.channels))))
+        values = None
+        if self.mode == "mean":
+            values = _channel_means(model, tokens, layers, self.positions, chosen)
+        return dataclasses.replace(self, channels=chosen, values=values)
+
+    def hooks(self, model) -> list[Hook]:
+        if self.channels is None:
+            raise SinkInterpError(
+                "EditMassiveChannels channels=None: resolve the stable channels with "
+                "EditMassiveChannels.fit(model, reference_tokens, ...)"
+            )
+        layers = _layers(model, self.layers)
+        _select("channel", self.channels, model.cfg.d_model, "residual channels")
+        for position in self.positions:
+            _check_position(model, position)
+        if self.values is not None:
+            _check_shape("EditMassiveChannels values", self.values, (len(layers), len(self.channels)))
+        values = None if self.values is None else _tensor(self.values)
+        positions, channels = list(self.positions), list(self.channels)
+        hooks = []
+        for index, layer in enumerate(layers):
+            def edit(x, hook, index=index):
+                _check_seq(max(positions), x.shape[1], "EditMassiveChannels")
+                x = x.clone()
+                rows = torch.tensor(positions, device=x.device)[:, None]
+                cols = torch.tensor(channels, device=x.device)[None, :]
+                if self.mode == "zero":
+                    x[:, rows, cols] = 0
+                elif self.mode == "scale":
+                    x[:, rows, cols] = x[:, rows, cols] * self.factor
+                else:
+                    x[:, rows, cols] = values[index].to(x)[None, None, :]
+                return x
+
+            hooks.append((f"blocks.{layer}.hook_resid_post", edit))
+        return hooks
+
+
+def _channel_means(model, tokens, layers: list[int], positions, channels) -> Tensor:
+    resid = _capture(model, tokens, "hook_resid_post", layers, None)  # [layer batch pos d_model]
+    return resid[:, :, list(positions)][..., list(channels)].mean(dim=(1, 2))  # [layer channel]
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Patch the first token's residual stream
+
+_RESID_HOOKS = ("resid_pre", "resid_mid", "resid_post")
+
+
+@dataclass(frozen=True, repr=False)
+class PatchFirstTokenResidual(Intervention):
+    """Replace the residual stream at ``position`` (``hook_resid_pre`` by default) of the chosen
+    layers with stored vectors: ``source`` is [layers][rows][d_model], one row (broadcast to every
+    sequence) or one row per sequence of the batch (aligned). Build it with :meth:`fit`."""
+
+    source: NumbersLike = ()
+    layers: IntsLike = None
+    hook: str = "resid_pre"
+    position: int = 0
+    description: str = ""
+
+    def __post_init__(self):
+        _norm_common(self, heads=False)
+        if self.hook not in _RESID_HOOKS:
+            raise SinkInterpError(f"hook {self.hook!r} is not one of {', '.join(map(repr, _RESID_HOOKS))}")
+        _check_int("position", self.position)
+        object.__setattr__(self, "source", _freeze(self.source))
+
+    @classmethod
+    def fit(cls, model, source, *, reference: Tensor | None = None, layers=None, hook: str = "resid_pre",
+            position: int = 0) -> PatchFirstTokenResidual:
+        """``source``: token ids [rows, pos] (their own residual at ``position``); ``"mean"`` (the mean
+        over ``reference`` tokens); or a token (string or id) that replaces the first token: position
+        0's residual depends on that token alone, so it is read from a one-token run."""
+        from sinkinterp.data import resolve_token
+
+        if hook not in _RESID_HOOKS:
+            raise SinkInterpError(f"hook {hook!r} is not one of {', '.join(map(repr, _RESID_HOOKS))}")
+        selected = _layers(model, _ints("layers", layers))
+        if isinstance(source, Tensor):
+            tokens, description = source, f"tokens ({source.shape[0]} rows)"
+        elif source == "mean":
+            if reference is None:
+                raise SinkInterpError("source 'mean' needs reference tokens: pass reference=...")
+            tokens, description = reference, f"mean over {reference.shape[0]} reference sequences"
+        elif isinstance(source, (str, int)) and not isinstance(source, bool):
+            if position != 0:
+                raise SinkInterpError(f"a replacement first token patches position 0, not {position}")
+            token_id = resolve_token(model, source)
+            tokens, description = torch.tensor([[token_id, token_id]]), f"first token {source!r} (id {token_id})"
+        else:
+            raise SinkInterpError(
+                f"patch source must be token ids [rows, pos], 'mean', or a token, got {type(source).__name__}"
+            )
+        residual = _capture(model, tokens, f"hook_{hook}", selected, position)  # [layer rows d_model]
+        if source == "mean" and not isinstance(source, Tensor):
+            residual = residual.mean(dim=1, keepdim=True)
+        return cls(source=residual, layers=layers, hook=hook, position=position, description=description)
+
+    def hooks(self, model) -> list[Hook]:
+        layers = _layers(model, self.layers)
+        _check_position(model, self.position)
+        shape = _shape(self.source)
+        if len(shape) != 3 or shape[0] != len(layers) or shape[2] != model.cfg.d_model:
+            raise SinkInterpError(
+                f"patch source has shape {shape}, expected ({len(layers)}, rows, {model.cfg.d_model})"
+            )
+        source, p = _tensor(self.source), self.position
+        hooks = []
+        for index, layer in enumerate(layers):
+            def patch(x, hook, index=index):
+                _check_seq(p, x.shape[1], "PatchFirstTokenResidual")
+                rows = source.shape[1]
+                if rows not in (1, x.shape[0]):
+                    raise SinkInterpError(
+                        f"patch source has {rows} rows but the batch has {x.shape[0]}: pass one sequence "
+                        "(broadcast) or a batch aligned with the input"
+                    )
+                x = x.clone()
+                x[:, p] = source[index].to(x).expand(x.shape[0], -1)
+                return x
+
+            hooks.append((f"blocks.{layer}.hook_{self.hook}", patch))
+        return hooks
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Constant attention bias: an explicit sink slot
+
+
+@dataclass(frozen=True, repr=False)
+class ConstantAttentionBias(Intervention):
+    """A virtual key/value slot per head, the same for every input (DESIGN.md §3.6).
+
+    Softmax over ``[scores, logit]`` equals the pattern times ``keep_i = sigmoid(LSE_i - logit)``
+    plus a slot of weight ``1 - keep_i`` whose value ``value`` is added to z. Applied to queries
+    i >= ``from_query`` only; with ``replace_sink`` the real key ``position`` is masked for those
+    queries, so the slot stands in for the sink. ``logit``: a number or [layers][heads];
+    ``value``: None (zero, a pure key bias) or [layers][heads][d_head] (selected layers/heads).
+    """
+
+    logit: NumbersLike = 0.0
+    value: NumbersLike = None
+    layers: IntsLike = None
+    heads: IntsLike = None
+    replace_sink: bool = True
+    position: int = 0
+    from_query: int = 16
+    method: str = "given"
+
+    def __post_init__(self):
+        _norm_common(self)
+        _check_int("position", self.position)
+        _check_from_query(self.from_query, self.position)
+        logit = _freeze(self.logit)
+        if isinstance(logit, int):
+            logit = float(logit)
+        if not isinstance(logit, (float, tuple)):
+            raise SinkInterpError(f"logit must be a number or [layers][heads] numbers, got {self.logit!r}")
+        object.__setattr__(self, "logit", logit)
+        object.__setattr__(self, "value", _freeze(self.value))
+
+    def _tensors(self, model) -> tuple[list[int], list[int], Tensor, Tensor | None]:
+        layers, heads = _layers(model, self.layers), _heads(model, self.heads)
+        _check_position(model, self.position)
+        if isinstance(self.logit, tuple):
+            _check_shape("ConstantAttentionBias logit", self.logit, (len(layers), len(heads)))
+            logit = _tensor(self.logit)
+        else:
+            logit = torch.full((len(layers), len(heads)), self.logit)
+        value = None
+        if self.value is not None:
+            _check_shape("ConstantAttentionBias value", self.value, (len(layers), len(heads), model.cfg.d_head))
+            value = _tensor(self.value)
+        return layers, heads, logit, value
+
+    def hooks(self, model) -> list[Hook]:
+        layers, heads, logit, value = self._tensors(model)
+        return _bias_hooks(model, layers, heads, logit, value, self.replace_sink, self.position, self.from_query)
+
+
+def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, replace_sink: bool,
+                position: int, from_query: int) -> list[Hook]:
+    """Hooks of a constant slot; ``logit`` [layers heads] and ``value`` [layers heads d_head] may
+    require grad (``fit_constant_bias`` optimises them through these same hooks)."""
+    n_heads, fq = model.cfg.n_heads, from_query
+    hooks = []
+    for index, layer in enumerate(layers):
+        state: dict[str, Tensor] = {}
+
+        def on_scores(scores, hook, state=state, index=index):
+            _check_seq(position, scores.shape[-1], "ConstantAttentionBias")
+            if replace_sink:
+                removed = _key_mask(scores.shape[-1], heads, n_heads, position, fq, scores.device)
+                scores = scores.masked_fill(removed, float("-inf"))
+            lse = scores[:, heads, fq:].logsumexp(dim=-1)  # [batch heads query]
+            state["keep"] = torch.sigmoid(lse - logit[index].to(lse)[None, :, None])
+            return scores
+
+        def on_pattern(pattern, hook, state=state):
+            scale = torch.ones(pattern.shape[:3], dtype=pattern.dtype, device=pattern.device)
+            scale[:, heads, fq:] = state["keep"].to(pattern.dtype)
+            return pattern * scale[..., None]
+
+        def on_z(z, hook, state=state, index=index):
+            keep = state.pop("keep")
+            if value is None:
+                return z
+            slot = (1 - keep)[..., None] * value[index].to(z)[None, :, None, :]  # [batch heads query d]
+            return _add_at(z, slot.transpose(1, 2), fq, heads)
+
+        hooks += [(f"blocks.{layer}.attn.hook_attn_scores", on_scores),
+                  (f"blocks.{layer}.attn.hook_pattern", on_pattern),
+                  (f"blocks.{layer}.attn.hook_z", on_z)]
+    return hooks
+
+
+def fit_constant_bias(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    *,
+    method: str = "moments",
+    layers=None,
+    heads=None,
+    position: int = 0,
+    from_query: int = 16,
+    with_value: bool = True,
+    steps: int = 50,
+    lr: float = 0.05,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> ConstantAttentionBias:
+    """A :class:`ConstantAttentionBias` (``replace_sink=True``) fitted on calibration ``tokens``.
+
+    ``"moments"``: the slot's logit is the mean attention logit of the sink (``hook_attn_scores`` at
+    key ``position``) over queries i >= from_query and sequences (this is the sink's log-odds
+    against the other keys plus their log-sum-exp), and its value the mean sink value.
+    ``"gradient"``: starting from the moments, logit and value are optimised with Adam (``steps``,
+    ``lr``, mini-batches of ``batch_size``, seeded) to minimise next-token loss on queries
+    i >= from_query, with the model frozen. Evaluate on held-out tokens.
+    """
+    from sinkinterp._batches import check_tokens
+
+    if method not in ("moments", "gradient"):
+        raise SinkInterpError(f"fit_constant_bias method {method!r} is not one of 'moments', 'gradient'")
+    check_tokens(model, tokens)
+    _check_from_query(from_query, position)
+    if tokens.shape[1] <= from_query + 1:
+        raise SinkInterpError(
+            f"calibration tokens have {tokens.shape[1]} positions: from_query {from_query} leaves no "
+            "query to fit on; use longer sequences"
+        )
+    selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
+    scores = _capture(model, tokens, "attn.hook_attn_scores", selected_layers, None)  # [layer batch head q k]
+    logit = scores[:, :, selected_heads, from_query:, position].mean(dim=(1, 3))
+    value = None
+    if with_value:
+        values = _capture(model, tokens, "attn.hook_v", selected_layers, position)  # [layer batch kv d]
+        value = _expand_kv(values.mean(dim=1), _group(model), dim=1)[:, selected_heads]
+    if method == "gradient":
+        logit, value = _fit_by_gradient(model, tokens, selected_layers, selected_heads, logit, value,
+                                        position, from_query, steps, lr, batch_size, seed)
+    return ConstantAttentionBias(logit=logit, value=value, layers=layers, heads=heads, replace_sink=True,
+                                 position=position, from_query=from_query, method=method)
+
+
+def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_query, steps, lr,
+                     batch_size, seed):
+    _check_int("steps", steps, 1)
+    _check_int("batch_size", batch_size, 1)
+    device = next(model.parameters()).device
+    logit = logit.clone().to(device).requires_grad_(True)
+    params = [logit]
+    if value is not None:
+        value = value.clone().to(device).requires_grad_(True)
+        params.append(value)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        hooks = _bias_hooks(model, layers, heads, logit, value, True, position, from_query)
+        for _ in range(steps):
+            rows = torch.randperm(tokens.shape[0], generator=generator)[:batch_size]
+            batch = tokens[rows].to(device)
+            with model.hooks(fwd_hooks=hooks):
+                logits = model(batch, return_type="logits")
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, from_query:-1].flatten(0, 1).float(), batch[:, from_query + 1 :].flatten()
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return logit.detach().cpu(), None if value is None else value.detach().cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# Applying interventions
+
+
+@contextmanager
+def intervene(model, *interventions) -> Iterator:
+    """Apply ``interventions`` together (in this order at any shared hook point) inside the block.
+
+    Removes exactly the hooks it added on exit, also when the body raises; hooks the caller
+    attached before stay. Every intervention is validated against the model before any hook is
+    attached.
+    """
+    hooks: list[Hook] = []
+    for intervention in interventions:
+        if not isinstance(intervention, Intervention):
+            raise SinkInterpError(
+                f"intervene takes Intervention values, got {type(intervention).__name__}: "
+                f"use one of {', '.join(sorted(INTERVENTIONS))}"
+            )
+        hooks.extend(intervention.hooks(model))
+    with model.hooks(fwd_hooks=hooks):
+        yield model

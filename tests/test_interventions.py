@@ -1,0 +1,367 @@
+"""Interventions on tiny models, checked against attention written out by hand."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from sinkinterp import SinkInterpError
+from sinkinterp.data import random_tokens
+from sinkinterp.interventions import (
+    INTERVENTIONS,
+    AblateSinkValue,
+    ConstantAttentionBias,
+    EditMassiveChannels,
+    Intervention,
+    MaskSinkKey,
+    PatchFirstTokenResidual,
+    ReplaceSinkKey,
+    fit_constant_bias,
+    intervene,
+)
+from sinkinterp.tiny import tiny_gpt2, tiny_llama
+
+GROUP = 3  # tiny_llama: 6 query heads over 2 kv heads
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def tokens(llama):
+    return random_tokens(llama, 2, 20, seed=1)
+
+
+def n_hooks(model) -> int:
+    return sum(len(point.fwd_hooks) for point in model.hook_dict.values())
+
+
+def run(model, tokens, *interventions, names=()):
+    """Logits and the named activations, read after every intervention hook has run."""
+    seen = {}
+    capture = [(name, lambda x, hook: seen.__setitem__(hook.name, x.detach().clone())) for name in names]
+    with intervene(model, *interventions), model.hooks(fwd_hooks=capture):
+        logits = model(tokens)
+    return logits, seen
+
+
+def every_intervention(model, tokens):
+    return [
+        MaskSinkKey(from_query=4),
+        AblateSinkValue(),
+        AblateSinkValue.fit(model, tokens, mode="mean"),
+        ReplaceSinkKey.fit(model, tokens),
+        EditMassiveChannels(channels=(3, 5), mode="scale", factor=0.5),
+        EditMassiveChannels.fit(model, tokens, channels=(3,), mode="mean"),
+        PatchFirstTokenResidual.fit(model, tokens[:1]),
+        ConstantAttentionBias(logit=[[0.5] * 6, [1.0] * 6], from_query=4),
+        fit_constant_bias(model, tokens, from_query=4),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness against hand-written attention
+
+
+@pytest.mark.parametrize("replace_sink", [True, False])
+def test_constant_bias_equals_a_softmax_with_an_extra_column(llama, tokens, replace_sink):
+    fq, layer = 5, 1
+    logit = torch.tensor([[-1.0, 0.0, 0.5, 1.0, 2.0, 3.0]])
+    value = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
+    bias = ConstantAttentionBias(logit=logit, value=value, layers=[layer], replace_sink=replace_sink, from_query=fq)
+    _, clean = llama.run_with_cache(tokens)
+    scores = clean[f"blocks.{layer}.attn.hook_attn_scores"]  # layer 0 is untouched, so these are its inputs
+    v = clean[f"blocks.{layer}.attn.hook_v"]
+    _, seen = run(llama, tokens, bias, names=[f"blocks.{layer}.attn.hook_z"])
+    z = seen[f"blocks.{layer}.attn.hook_z"]
+    expected = clean[f"blocks.{layer}.attn.hook_z"].clone()
+    for b in range(tokens.shape[0]):
+        for h in range(6):
+            for i in range(fq, tokens.shape[1]):
+                row = scores[b, h, i, : i + 1].clone()
+                if replace_sink:
+                    row[0] = float("-inf")
+                weights = torch.softmax(torch.cat([row, logit[0, h : h + 1]]), dim=0)
+                expected[b, i, h] = weights[:-1] @ v[b, : i + 1, h // GROUP] + weights[-1] * value[0, h]
+    torch.testing.assert_close(z, expected, rtol=0, atol=1e-5)
+
+
+def test_constant_bias_with_logit_minus_infinity_is_the_identity(llama, tokens):
+    clean = llama(tokens)
+    bias = ConstantAttentionBias(logit=float("-inf"), value=torch.ones(2, 6, 8), replace_sink=False, from_query=1)
+    with intervene(llama, bias):
+        assert torch.equal(llama(tokens), clean)
+
+
+def test_mask_leaves_rows_before_from_query_bit_identical(llama, tokens):
+    names = [f"blocks.{l}.hook_resid_post" for l in range(2)]
+    clean, before = run(llama, tokens, names=names)
+    masked, after = run(llama, tokens, MaskSinkKey(from_query=6), names=names)
+    assert torch.equal(masked[:, :6], clean[:, :6]) and not torch.allclose(masked[:, 6:], clean[:, 6:])
+    for name in names:
+        assert torch.equal(after[name][:, :6], before[name][:, :6])
+    # The masked rows put no attention on the sink.
+    _, seen = run(llama, tokens, MaskSinkKey(layers=[1], heads=[2], from_query=6), names=["blocks.1.attn.hook_pattern"])
+    pattern = seen["blocks.1.attn.hook_pattern"]
+    assert pattern[:, 2, 6:, 0].abs().max() == 0 and pattern[:, 1, 6:, 0].min() > 0
+    torch.testing.assert_close(pattern[:, 2, 6:].sum(-1), torch.ones(2, 14))
+
+
+def test_value_ablation_leaves_the_sinks_row_and_residual_stream_identical(llama, tokens):
+    names = [f"blocks.{l}.hook_resid_post" for l in range(2)] + ["blocks.1.attn.hook_pattern"]
+    clean, before = run(llama, tokens, names=names)
+    ablated, after = run(llama, tokens, AblateSinkValue(), names=names)
+    for name in names[:2]:
+        assert torch.equal(after[name][:, 0], before[name][:, 0])
+    assert torch.equal(ablated[:, 0], clean[:, 0]) and not torch.allclose(ablated[:, 1:], clean[:, 1:])
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_value_ablation_removes_exactly_the_sink_term(llama, tokens, mode):
+    layer, heads, fq = 1, [0, 4], 3
+    ablation = (AblateSinkValue(layers=[layer], heads=heads, from_query=fq) if mode == "zero"
+                else AblateSinkValue.fit(llama, tokens, mode="mean", layers=[layer], heads=heads, from_query=fq))
+    _, clean = llama.run_with_cache(tokens)
+    _, seen = run(llama, tokens, ablation, names=[f"blocks.{layer}.attn.hook_z"])
+    a = clean[f"blocks.{layer}.attn.hook_pattern"]
+    v = clean[f"blocks.{layer}.attn.hook_v"]
+    expected = clean[f"blocks.{layer}.attn.hook_z"].clone()
+    for index, h in enumerate(heads):
+        new = torch.zeros(8) if mode == "zero" else v[:, 0, h // GROUP].mean(0)
+        assert mode == "zero" or torch.allclose(torch.tensor(ablation.value[0][index], dtype=torch.float32), new)
+        for i in range(fq, tokens.shape[1]):
+            expected[:, i, h] += a[:, h, i, 0, None] * (new - v[:, 0, h // GROUP])
+    torch.testing.assert_close(seen[f"blocks.{layer}.attn.hook_z"], expected, rtol=0, atol=1e-6)
+
+
+def test_patching_a_sequence_with_itself_is_the_identity(llama, tokens):
+    clean = llama(tokens)
+    for hook in ("resid_pre", "resid_mid", "resid_post"):
+        with intervene(llama, PatchFirstTokenResidual.fit(llama, tokens, hook=hook)):
+            torch.testing.assert_close(llama(tokens), clean, rtol=0, atol=1e-6)
+    with intervene(llama, ReplaceSinkKey.fit(llama, tokens[:1], mode="patch")):
+        torch.testing.assert_close(llama(tokens[:1]), clean[:1], rtol=0, atol=1e-6)
+
+
+def test_patching_from_another_input_and_a_different_first_token(llama, tokens):
+    other = random_tokens(llama, 1, 20, seed=9)
+    patch = PatchFirstTokenResidual.fit(llama, other, layers=[0])
+    # Position 0's residual depends on its token alone: patching it is the same as swapping the token.
+    swapped = tokens.clone()
+    swapped[:, 0] = other[0, 0]
+    with intervene(llama, patch):
+        torch.testing.assert_close(llama(tokens), llama(swapped), rtol=0, atol=1e-5)
+    by_id = PatchFirstTokenResidual.fit(llama, int(other[0, 0]))
+    with intervene(llama, by_id):
+        torch.testing.assert_close(llama(tokens), llama(swapped), rtol=0, atol=1e-5)
+    mean = PatchFirstTokenResidual.fit(llama, "mean", reference=tokens, layers=[1])
+    _, cache = llama.run_with_cache(tokens)
+    torch.testing.assert_close(torch.tensor(mean.source[0][0], dtype=torch.float32),
+                               cache["blocks.1.hook_resid_pre"][:, 0].mean(0), rtol=0, atol=1e-6)
+
+
+def test_replace_sink_key_sets_the_key_before_rotation(llama, tokens):
+    replace = ReplaceSinkKey.fit(llama, tokens, layers=[1], heads=[3, 4, 5])
+    _, clean = llama.run_with_cache(tokens)
+    mean_other = clean["blocks.1.attn.hook_k"][:, 1:, 1].mean(dim=(0, 1))
+    torch.testing.assert_close(torch.tensor(replace.key[0][0], dtype=torch.float32), mean_other, rtol=0, atol=1e-6)
+    _, seen = run(llama, tokens, replace, names=["blocks.1.attn.hook_rot_k", "blocks.1.attn.hook_pattern"])
+    rotated = seen["blocks.1.attn.hook_rot_k"]
+    assert torch.equal(rotated[:, :, 0], clean["blocks.1.attn.hook_rot_k"][:, :, 0])  # kv head 0 untouched
+    assert not torch.allclose(rotated[:, 0, 1], clean["blocks.1.attn.hook_rot_k"][:, 0, 1])
+    # Position 0 is rotated by angle 0, so the rotated key is the new key itself.
+    torch.testing.assert_close(rotated[:, 0, 1], mean_other.expand(2, -1), rtol=0, atol=1e-5)
+
+
+def test_massive_channel_edits(llama, tokens):
+    names = [f"blocks.{l}.hook_resid_post" for l in range(2)]
+    _, clean = run(llama, tokens, names=names)
+    _, zeroed = run(llama, tokens, EditMassiveChannels(channels=(3, 7), positions=(0, 2)), names=names)
+    for name in names:
+        assert zeroed[name][:, [0, 2]][..., [3, 7]].abs().max() == 0
+    _, unscaled = run(llama, tokens, EditMassiveChannels(channels=(3,), mode="scale", factor=1.0), names=names)
+    assert all(torch.equal(unscaled[n], clean[n]) for n in names)
+    mean = EditMassiveChannels.fit(llama, tokens, channels=(3, 7), layers=[0], mode="mean")
+    expected = clean["blocks.0.hook_resid_post"][:, 0][:, [3, 7]].mean(0)
+    torch.testing.assert_close(torch.tensor(mean.values[0], dtype=torch.float32), expected, rtol=0, atol=1e-6)
+    _, edited = run(llama, tokens, mean, names=names[:1])
+    torch.testing.assert_close(edited["blocks.0.hook_resid_post"][:, 0][:, [3, 7]], expected.expand(2, -1))
+
+
+def test_fit_resolves_the_stable_channels_and_the_control_avoids_them():
+    gpt2 = tiny_gpt2()
+    tokens = random_tokens(gpt2, 4, 12, seed=3)
+
+    def plant(out, hook):
+        out[:, 0, 7] += 5000.0
+        return out
+
+    with gpt2.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", plant)]):
+        edit = EditMassiveChannels.fit(gpt2, tokens, mode="mean")
+        assert edit.channels == (7,) and edit.values[0][0] > 4000
+        control = edit.random_control(gpt2, tokens, seed=0)
+        again = edit.random_control(gpt2, tokens, seed=0)
+        other = [edit.random_control(gpt2, tokens, seed=s).channels for s in range(1, 6)]
+    assert control == again and len(control.channels) == 1 and control.channels != (7,)
+    assert control.mode == "mean" and abs(control.values[0][0]) < 100
+    assert len(set(other + [control.channels])) > 1  # seeds give different draws
+    with pytest.raises(SinkInterpError, match="no massive channel at positions"):
+        EditMassiveChannels.fit(gpt2, tokens)
+
+
+def test_gradient_fit_lowers_the_calibration_loss(llama):
+    tokens = random_tokens(llama, 4, 24, seed=5)
+    moments = fit_constant_bias(llama, tokens, from_query=4)
+    fitted = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=30, lr=0.1, batch_size=4)
+    assert fitted.method == "gradient" and fitted != moments
+
+    def loss(bias):
+        with intervene(llama, bias):
+            logits = llama(tokens)
+        return torch.nn.functional.cross_entropy(logits[:, 4:-1].flatten(0, 1), tokens[:, 5:].flatten())
+
+    assert loss(fitted) < loss(moments) - 1e-3
+    assert all(p.requires_grad for p in llama.parameters())  # the model is unfrozen afterwards
+    _, clean = llama.run_with_cache(tokens)
+    expected = clean["blocks.1.attn.hook_attn_scores"][:, 2, 4:, 0].mean()
+    assert moments.logit[1][2] == pytest.approx(float(expected), abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Values: serialisation, repr, equality
+
+
+def test_every_intervention_round_trips_through_json_and_yaml(llama, tokens):
+    kinds = set()
+    for intervention in every_intervention(llama, tokens):
+        kinds.add(type(intervention).__name__)
+        record = intervention.to_dict()
+        assert Intervention.from_dict(json.loads(json.dumps(record))) == intervention
+        assert Intervention.from_dict(yaml.safe_load(yaml.safe_dump(record))) == intervention
+        with intervene(llama, Intervention.from_dict(record)):  # and applies
+            llama(tokens)
+    assert kinds == set(INTERVENTIONS) - {"Intervention"}
+    text = repr(AblateSinkValue.fit(llama, tokens, mode="mean"))
+    assert text.startswith("AblateSinkValue(layers=None, heads=None, position=0, mode='mean'") and "<2x6x8 numbers>" in text
+    assert MaskSinkKey(layers=[1, 2]) == MaskSinkKey(layers=(1, 2)) and hash(MaskSinkKey()) == hash(MaskSinkKey())
+
+
+def test_bad_records_are_refused():
+    with pytest.raises(SinkInterpError, match="unknown intervention 'MaskSink': use one of AblateSinkValue"):
+        Intervention.from_dict({"type": "MaskSink"})
+    with pytest.raises(SinkInterpError, match="MaskSinkKey has no field 'from_qeury'"):
+        Intervention.from_dict({"type": "MaskSinkKey", "from_qeury": 3})
+
+
+# --------------------------------------------------------------------------------------------
+# Hook hygiene
+
+
+def test_intervene_removes_exactly_its_hooks_after_an_exception_and_when_nested(llama, tokens):
+    marks = []
+    llama.add_hook("blocks.0.hook_resid_post", lambda x, hook: marks.append(1))
+    before = n_hooks(llama)
+    try:
+        interventions = every_intervention(llama, tokens)
+        with pytest.raises(RuntimeError, match="boom"):
+            with intervene(llama, *interventions):
+                assert n_hooks(llama) > before
+                raise RuntimeError("boom")
+        assert n_hooks(llama) == before
+        with intervene(llama, MaskSinkKey(from_query=4)):
+            inner_start = n_hooks(llama)
+            with intervene(llama, AblateSinkValue()):
+                assert n_hooks(llama) > inner_start
+                llama(tokens)
+            assert n_hooks(llama) == inner_start
+        assert n_hooks(llama) == before
+        # A failure inside a hook during the forward (a position beyond the input) cleans up too.
+        with pytest.raises(SinkInterpError, match="MaskSinkKey position 30 is beyond this input's 20 positions"):
+            with intervene(llama, MaskSinkKey(position=30, from_query=31)):
+                llama(tokens)
+        assert n_hooks(llama) == before
+        # Validation fails before any hook is attached.
+        with pytest.raises(SinkInterpError):
+            with intervene(llama, MaskSinkKey(), MaskSinkKey(layers=[9])):
+                pass
+        assert n_hooks(llama) == before and marks
+    finally:
+        llama.reset_hooks()
+
+
+def test_hooks_also_work_with_run_with_hooks(llama, tokens):
+    mask = MaskSinkKey(from_query=4)
+    with intervene(llama, mask):
+        expected = llama(tokens)
+    torch.testing.assert_close(llama.run_with_hooks(tokens, fwd_hooks=mask.hooks(llama)), expected, rtol=0, atol=0)
+    with llama.hooks(fwd_hooks=mask.hooks(llama)):
+        torch.testing.assert_close(llama(tokens), expected, rtol=0, atol=0)
+    assert n_hooks(llama) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda m: MaskSinkKey(layers=[2]), "layer 2 out of range: model has 2 layers (0..1)"),
+        (lambda m: MaskSinkKey(heads=[6]), "head 6 out of range: model has 6 heads (0..5)"),
+        (lambda m: MaskSinkKey(position=64, from_query=70), "position 64 out of range: model context is 0..63"),
+        (lambda m: EditMassiveChannels(channels=(48,)), "channel 48 out of range: model has 48 residual channels (0..47)"),
+        (lambda m: ConstantAttentionBias(logit=[[1.0] * 5] * 2), "ConstantAttentionBias logit has shape (2, 5), expected (2, 6)"),
+        (lambda m: ConstantAttentionBias(logit=0.0, value=torch.zeros(2, 6, 4)), "ConstantAttentionBias value has shape (2, 6, 4), expected (2, 6, 8)"),
+        (lambda m: ConstantAttentionBias(logit=0.0, layers=[1], value=torch.zeros(2, 6, 8)), "expected (1, 6, 8)"),
+        (lambda m: ReplaceSinkKey(key=torch.zeros(2, 2, 8), heads=[0, 1]), "heads (0, 1) split kv group 0 (query heads [0, 1, 2])"),
+        (lambda m: AblateSinkValue(mode="mean", value=torch.zeros(2, 6, 7)), "AblateSinkValue value has shape (2, 6, 7), expected (2, 6, 8)"),
+        (lambda m: PatchFirstTokenResidual(source=torch.zeros(2, 1, 40)), "patch source has shape (2, 1, 40), expected (2, rows, 48)"),
+    ],
+)
+def test_values_that_do_not_fit_the_model_are_refused(llama, build, message):
+    with pytest.raises(SinkInterpError) as error:
+        build(llama).hooks(llama)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: MaskSinkKey(from_query=0), "from_query 0 must be an integer > position 0"),
+        (lambda: ConstantAttentionBias(position=3, from_query=3), "from_query 3 must be an integer > position 3"),
+        (lambda: AblateSinkValue(position=2, from_query=1), "from_query 1 must be an integer > position 2"),
+        (lambda: AblateSinkValue(mode="half"), "AblateSinkValue mode 'half' is not one of 'zero', 'mean', 'patch'"),
+        (lambda: AblateSinkValue(mode="mean"), "needs stored values: build it with AblateSinkValue.fit"),
+        (lambda: ReplaceSinkKey(mode="random"), "ReplaceSinkKey mode 'random' is not one of 'mean_other', 'patch'"),
+        (lambda: EditMassiveChannels(mode="scale"), "takes factor with mode 'scale' and only then"),
+        (lambda: EditMassiveChannels(mode="clip"), "EditMassiveChannels mode 'clip' is not one of"),
+        (lambda: EditMassiveChannels(channels=(1, 1)), "channels (1, 1) repeats an entry"),
+        (lambda: PatchFirstTokenResidual(hook="attn_out"), "hook 'attn_out' is not one of 'resid_pre'"),
+        (lambda: MaskSinkKey(layers=[0.5]), "layers must be integers, got 0.5"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(build, message):
+    with pytest.raises(SinkInterpError) as error:
+        build()
+    assert message in str(error.value)
+
+
+def test_bad_sources_and_fits_are_refused(llama, tokens):
+    patch = PatchFirstTokenResidual.fit(llama, tokens)  # 2 aligned rows
+    with pytest.raises(SinkInterpError, match="patch source has 2 rows but the batch has 3"):
+        with intervene(llama, patch):
+            llama(random_tokens(llama, 3, 20))
+    with pytest.raises(SinkInterpError, match="source 'mean' needs reference tokens"):
+        PatchFirstTokenResidual.fit(llama, "mean")
+    with pytest.raises(SinkInterpError, match="mode 'patch' takes one source sequence, got 2"):
+        ReplaceSinkKey.fit(llama, tokens, mode="patch")
+    with pytest.raises(SinkInterpError, match="fit_constant_bias method 'adam' is not one of"):
+        fit_constant_bias(llama, tokens, method="adam")
+    with pytest.raises(SinkInterpError, match="calibration tokens have 20 positions: from_query 19"):
+        fit_constant_bias(llama, tokens, from_query=19)
+    with pytest.raises(SinkInterpError, match="intervene takes Intervention values, got dict"):
+        with intervene(llama, {"type": "MaskSinkKey"}):
+            pass
