@@ -17,6 +17,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/load_model.py
 	$(PY) benchmarks/scan_memory.py
+	$(PY) benchmarks/intervention_overhead.py
 
 install: $(VENV)/.installed
 

@@ -1,6 +1,17 @@
 """sinkinterp: find out why transformers pour attention onto their first token."""
 
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.interventions import (
+    AblateSinkValue,
+    ConstantAttentionBias,
+    EditMassiveChannels,
+    Intervention,
+    MaskSinkKey,
+    PatchFirstTokenResidual,
+    ReplaceSinkKey,
+    fit_constant_bias,
+    intervene,
+)
 from sinkinterp.metrics import (
     SinkReport,
     find_massive_activations,
@@ -26,5 +37,14 @@ __all__ = [
     "value_weighted_attention",
     "ScanResult",
     "scan",
+    "Intervention",
+    "MaskSinkKey",
+    "AblateSinkValue",
+    "ReplaceSinkKey",
+    "EditMassiveChannels",
+    "PatchFirstTokenResidual",
+    "ConstantAttentionBias",
+    "fit_constant_bias",
+    "intervene",
 ]
 __version__ = "0.1.0"

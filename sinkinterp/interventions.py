@@ -113,6 +113,12 @@ def _heads(model, heads) -> list[int]:
     return _select("head", heads, model.cfg.n_heads, "heads")
 
 
+def _index(chosen: list[int], n: int) -> list[int] | slice:
+    """Chosen heads as an index: ``slice(None)`` when all are chosen, so indexing makes a view
+    rather than a copy of a [batch, head, query, key] tensor."""
+    return slice(None) if chosen == list(range(n)) else chosen
+
+
 def _check_position(model, position: int) -> None:
     if not 0 <= position < model.cfg.n_ctx:
         raise SinkInterpError(f"position {position} out of range: model context is 0..{model.cfg.n_ctx - 1}")
@@ -340,25 +346,33 @@ class AblateSinkValue(Intervention):
         return hooks
 
 
-def _add_at(z: Tensor, delta: Tensor, from_query: int, heads: list[int]) -> Tensor:
+def _add_at(z: Tensor, delta: Tensor, from_query: int, heads: list[int] | slice) -> Tensor:
     """``z`` [batch pos head d] plus ``delta`` [batch pos-from_query len(heads) d] on those rows/heads."""
-    full = torch.zeros_like(z)
-    full[:, from_query:, heads] = delta.to(z.dtype)
-    return z + full
+    z = z.clone()
+    z[:, from_query:, heads] += delta.to(z.dtype)
+    return z
 
 
-def _capture(model, tokens: Tensor, hook: str, layers: list[int], position: int | None) -> Tensor:
-    """A clean run's activation at ``blocks.{l}.{hook}`` for each layer, at ``position`` (or all)."""
+def _capture(model, tokens: Tensor, hook: str, layers: list[int], position: int | None,
+             select: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """A clean run's activation at ``blocks.{l}.{hook}`` for each layer: at ``position`` (batch
+    first, so ``x[:, position]``), or reduced by ``select`` inside the hook so that only what is
+    needed is kept (a full attention-score cache of every layer would not fit in memory)."""
     from sinkinterp._batches import check_tokens
 
     check_tokens(model, tokens)
     if position is not None:
         _check_seq(position, tokens.shape[1], "reference")
-    names = [f"blocks.{layer}.{hook}" for layer in layers]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names, return_type=None)
-    return torch.stack([
-        (cache[name] if position is None else cache[name][:, position]).detach().float().cpu() for name in names
-    ])
+        select = lambda x: x[:, position]  # noqa: E731
+    kept: dict[int, Tensor] = {}
+
+    def keep(x, hook, layer):
+        kept[layer] = (x if select is None else select(x)).detach().float().cpu()
+
+    hooks = [(f"blocks.{layer}.{hook}", lambda x, hook, layer=layer: keep(x, hook, layer)) for layer in layers]
+    with torch.inference_mode():
+        model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
+    return torch.stack([kept[layer] for layer in layers])
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,9 +415,9 @@ class ReplaceSinkKey(Intervention):
                 raise SinkInterpError(f"mode 'patch' takes one source sequence, got {tokens.shape[0]}")
             keys = _capture(model, tokens, "attn.hook_k", selected_layers, position)[:, 0]
         else:
-            keys = _capture(model, tokens, "attn.hook_k", selected_layers, None)  # [layer batch pos kv d]
             others = [j for j in range(tokens.shape[1]) if j != position]
-            keys = keys[:, :, others].mean(dim=(1, 2))
+            keys = _capture(model, tokens, "attn.hook_k", selected_layers, None, lambda k: k[:, others].mean(dim=1))
+            keys = keys.mean(dim=1)  # [layer kv d]: mean over sequences of the mean over positions
         return cls(key=keys[:, kv_heads], layers=layers, heads=heads, position=position, mode=mode)
 
     def hooks(self, model) -> list[Hook]:
@@ -519,8 +533,9 @@ class EditMassiveChannels(Intervention):
             raise SinkInterpError("random_control needs resolved channels: call fit(model, tokens) first")
         layers = _layers(model, self.layers)
         massive = set(find_massive_activations(model, tokens, progress=False).channel.tolist()) | set(self.channels)
-        resid = _capture(model, tokens, "hook_resid_post", layers, None)  # [layer batch pos d_model]
-        typical = resid[:, :, list(self.positions)].abs().flatten(0, 2).median(dim=0).values  # [d_model]
+        positions = list(self.positions)
+        resid = _capture(model, tokens, "hook_resid_post", layers, None, lambda x: x[:, positions])
+        typical = resid.abs().flatten(0, 2).median(dim=0).values  # [d_model]
         target = typical[list(self.channels)].median().clamp(min=1e-12).log()
         candidates = [c for c in range(model.cfg.d_model) if c not in massive]
         candidates.sort(key=lambda c: abs(float(typical[c].clamp(min=1e-12).log() - target)))
@@ -564,8 +579,9 @@ class EditMassiveChannels(Intervention):
 
 
 def _channel_means(model, tokens, layers: list[int], positions, channels) -> Tensor:
-    resid = _capture(model, tokens, "hook_resid_post", layers, None)  # [layer batch pos d_model]
-    return resid[:, :, list(positions)][..., list(channels)].mean(dim=(1, 2))  # [layer channel]
+    rows, cols = torch.tensor(list(positions))[:, None], torch.tensor(list(channels))[None, :]
+    resid = _capture(model, tokens, "hook_resid_post", layers, None, lambda x: x[:, rows, cols])
+    return resid.mean(dim=(1, 2))  # [layer channel]
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,22 +727,35 @@ def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, repla
     """Hooks of a constant slot; ``logit`` [layers heads] and ``value`` [layers heads d_head] may
     require grad (``fit_constant_bias`` optimises them through these same hooks)."""
     n_heads, fq = model.cfg.n_heads, from_query
+    mask_heads, heads = heads, _index(heads, n_heads)
     hooks = []
     for index, layer in enumerate(layers):
         state: dict[str, Tensor] = {}
 
-        def on_scores(scores, hook, state=state, index=index):
+        def on_scores(scores, hook, state=state):
             _check_seq(position, scores.shape[-1], "ConstantAttentionBias")
             if replace_sink:
-                removed = _key_mask(scores.shape[-1], heads, n_heads, position, fq, scores.device)
+                removed = _key_mask(scores.shape[-1], mask_heads, n_heads, position, fq, scores.device)
                 scores = scores.masked_fill(removed, float("-inf"))
-            lse = scores[:, heads, fq:].logsumexp(dim=-1)  # [batch heads query]
-            state["keep"] = torch.sigmoid(lse - logit[index].to(lse)[None, :, None])
+            state["scores"] = scores
             return scores
 
-        def on_pattern(pattern, hook, state=state):
+        def on_pattern(pattern, hook, state=state, index=index):
+            # keep_i = sigmoid(LSE_i - logit), with LSE_i the log-sum-exp of row i's scores. Read
+            # it off the diagonal, LSE_i = s_ii - log A_ii (the query's own key is never masked),
+            # instead of a second pass over the scores; rows whose A_ii is too small for that to be
+            # accurate get an exact logsumexp.
+            scores = state.pop("scores")[:, heads, fq:]  # [batch heads query key]
+            own_score = scores.diagonal(offset=fq, dim1=-2, dim2=-1)
+            own_weight = pattern[:, heads, fq:].diagonal(offset=fq, dim1=-2, dim2=-1)
+            lse = own_score - own_weight.log()
+            tiny = own_weight < 1e-20
+            if bool(tiny.any()):
+                lse = torch.where(tiny, scores.logsumexp(dim=-1), lse)
+            keep = torch.sigmoid(lse - logit[index].to(lse)[None, :, None])
+            state["keep"] = keep
             scale = torch.ones(pattern.shape[:3], dtype=pattern.dtype, device=pattern.device)
-            scale[:, heads, fq:] = state["keep"].to(pattern.dtype)
+            scale[:, heads, fq:] = keep.to(pattern.dtype)
             return pattern * scale[..., None]
 
         def on_z(z, hook, state=state, index=index):
@@ -752,10 +781,12 @@ def fit_constant_bias(
     position: int = 0,
     from_query: int = 16,
     with_value: bool = True,
-    steps: int = 50,
-    lr: float = 0.05,
+    steps: int = 30,
+    lr: float = 0.01,
     batch_size: int = 4,
     seed: int = 0,
+    progress: bool = False,
+    history: list | None = None,
 ) -> ConstantAttentionBias:
     """A :class:`ConstantAttentionBias` (``replace_sink=True``) fitted on calibration ``tokens``.
 
@@ -764,8 +795,10 @@ def fit_constant_bias(
     against the other keys plus their log-sum-exp), and its value the mean sink value.
     ``"gradient"``: starting from the moments, logit and value are optimised with Adam (``steps``,
     ``lr``, mini-batches of ``batch_size``, seeded) to minimise next-token loss on queries
-    i >= from_query, with the model frozen. Evaluate on held-out tokens.
+    i >= from_query, with the model frozen. Evaluate on held-out tokens. ``history``, if given a
+    list, receives each step's mini-batch loss; ``progress`` shows a bar.
     """
+    history = [] if history is None else history
     from sinkinterp._batches import check_tokens
 
     if method not in ("moments", "gradient"):
@@ -778,21 +811,22 @@ def fit_constant_bias(
             "query to fit on; use longer sequences"
         )
     selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
-    scores = _capture(model, tokens, "attn.hook_attn_scores", selected_layers, None)  # [layer batch head q k]
-    logit = scores[:, :, selected_heads, from_query:, position].mean(dim=(1, 3))
+    scores = _capture(model, tokens, "attn.hook_attn_scores", selected_layers, None,
+                      lambda x: x[:, selected_heads, from_query:, position])  # [layer batch head query]
+    logit = scores.mean(dim=(1, 3))
     value = None
     if with_value:
         values = _capture(model, tokens, "attn.hook_v", selected_layers, position)  # [layer batch kv d]
         value = _expand_kv(values.mean(dim=1), _group(model), dim=1)[:, selected_heads]
     if method == "gradient":
         logit, value = _fit_by_gradient(model, tokens, selected_layers, selected_heads, logit, value,
-                                        position, from_query, steps, lr, batch_size, seed)
+                                        position, from_query, steps, lr, batch_size, seed, progress, history)
     return ConstantAttentionBias(logit=logit, value=value, layers=layers, heads=heads, replace_sink=True,
                                  position=position, from_query=from_query, method=method)
 
 
 def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_query, steps, lr,
-                     batch_size, seed):
+                     batch_size, seed, progress, history):
     _check_int("steps", steps, 1)
     _check_int("batch_size", batch_size, 1)
     device = next(model.parameters()).device
@@ -806,9 +840,12 @@ def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
+    from tqdm.auto import tqdm
+
     try:
         hooks = _bias_hooks(model, layers, heads, logit, value, True, position, from_query)
-        for _ in range(steps):
+        bar = tqdm(range(steps), desc="fit constant bias", unit="step", disable=not progress)
+        for _ in bar:
             rows = torch.randperm(tokens.shape[0], generator=generator)[:batch_size]
             batch = tokens[rows].to(device)
             with model.hooks(fwd_hooks=hooks):
@@ -819,6 +856,8 @@ def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            history.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
     finally:
         for p in frozen:
             p.requires_grad_(True)

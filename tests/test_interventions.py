@@ -66,16 +66,28 @@ def every_intervention(model, tokens):
 # Exactness against hand-written attention
 
 
-@pytest.mark.parametrize("replace_sink", [True, False])
-def test_constant_bias_equals_a_softmax_with_an_extra_column(llama, tokens, replace_sink):
+def lower_own_scores(scores, hook):
+    """Queries attend almost nothing to themselves: A_ii underflows to 0 in float32."""
+    scores = scores.clone()
+    scores.diagonal(dim1=-2, dim2=-1)[..., 1:] -= 200.0
+    return scores
+
+
+@pytest.mark.parametrize("replace_sink, own_scores", [(True, None), (False, None), (True, lower_own_scores)],
+                         ids=["replace-sink", "keep-sink", "self-weight-underflows"])
+def test_constant_bias_equals_a_softmax_with_an_extra_column(llama, tokens, replace_sink, own_scores):
     fq, layer = 5, 1
     logit = torch.tensor([[-1.0, 0.0, 0.5, 1.0, 2.0, 3.0]])
     value = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
     bias = ConstantAttentionBias(logit=logit, value=value, layers=[layer], replace_sink=replace_sink, from_query=fq)
-    _, clean = llama.run_with_cache(tokens)
+    edit = [] if own_scores is None else [(f"blocks.{layer}.attn.hook_attn_scores", own_scores)]
+    with llama.hooks(fwd_hooks=edit):
+        _, clean = llama.run_with_cache(tokens)
+        _, seen = run(llama, tokens, bias, names=[f"blocks.{layer}.attn.hook_z"])
+    if own_scores is not None:
+        assert clean[f"blocks.{layer}.attn.hook_pattern"][:, :, fq:].diagonal(offset=fq, dim1=-2, dim2=-1).max() == 0
     scores = clean[f"blocks.{layer}.attn.hook_attn_scores"]  # layer 0 is untouched, so these are its inputs
     v = clean[f"blocks.{layer}.attn.hook_v"]
-    _, seen = run(llama, tokens, bias, names=[f"blocks.{layer}.attn.hook_z"])
     z = seen[f"blocks.{layer}.attn.hook_z"]
     expected = clean[f"blocks.{layer}.attn.hook_z"].clone()
     for b in range(tokens.shape[0]):
@@ -215,7 +227,10 @@ def test_fit_resolves_the_stable_channels_and_the_control_avoids_them():
 def test_gradient_fit_lowers_the_calibration_loss(llama):
     tokens = random_tokens(llama, 4, 24, seed=5)
     moments = fit_constant_bias(llama, tokens, from_query=4)
-    fitted = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=30, lr=0.1, batch_size=4)
+    history = []
+    fitted = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=30, lr=0.1, batch_size=4,
+                               history=history)
+    assert len(history) == 30 and history[-1] < history[0]
     assert fitted.method == "gradient" and fitted != moments
 
     def loss(bias):
