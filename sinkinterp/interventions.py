@@ -226,11 +226,22 @@ def _norm_common(self, *, heads: bool = True) -> None:
 # 1. Mask the sink's key
 
 
-def _key_mask(n_pos: int, heads: list[int], n_heads: int, position: int, from_query: int, device) -> Tensor:
-    """[head, query, key] True where the score of ``position`` is removed."""
-    mask = torch.zeros(n_heads, n_pos, n_pos, dtype=torch.bool, device=device)
-    mask[heads, from_query:, position] = True
-    return mask
+def _key_masker(heads: list[int], n_heads: int, position: int, from_query: int) -> Callable[[Tensor], Tensor]:
+    """A function that sets the score of key ``position`` to -inf for ``heads`` and queries
+    i >= from_query (out of place). The [head, query, key] mask is built once per length and
+    device and shared by every layer."""
+    masks: dict[tuple[int, str], Tensor] = {}
+
+    def apply(scores: Tensor) -> Tensor:
+        n_pos = scores.shape[-1]
+        key = (n_pos, str(scores.device))
+        if key not in masks:
+            mask = torch.zeros(n_heads, n_pos, n_pos, dtype=torch.bool, device=scores.device)
+            mask[heads, from_query:, position] = True
+            masks[key] = mask
+        return scores.masked_fill(masks[key], float("-inf"))
+
+    return apply
 
 
 @dataclass(frozen=True, repr=False)
@@ -252,12 +263,11 @@ class MaskSinkKey(Intervention):
     def hooks(self, model) -> list[Hook]:
         layers, heads = _layers(model, self.layers), _heads(model, self.heads)
         _check_position(model, self.position)
-        n_heads = model.cfg.n_heads
+        remove = _key_masker(heads, model.cfg.n_heads, self.position, self.from_query)
 
         def mask(scores, hook):
             _check_seq(self.position, scores.shape[-1], "MaskSinkKey")
-            removed = _key_mask(scores.shape[-1], heads, n_heads, self.position, self.from_query, scores.device)
-            return scores.masked_fill(removed, float("-inf"))
+            return remove(scores)
 
         return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in layers]
 
@@ -524,18 +534,23 @@ class EditMassiveChannels(Intervention):
     def random_control(self, model, tokens: Int[Tensor, "batch pos"], *, seed: int = 0,
                        pool: int = 10) -> EditMassiveChannels:
         """The same edit on ``len(channels)`` random channels that are never massive in ``tokens``
-        and whose typical magnitude (median |x| at the edited positions, over the edited layers)
-        is closest to the edited channels': drawn (seeded) from the ``pool`` x n nearest in log
-        magnitude to the edited channels' median."""
+        and whose typical magnitude is closest to the edited channels'. Typical magnitude is the
+        median |x| at the *other* positions (at the edited ones a massive channel has no
+        non-massive peer by definition), per edited layer, then the median over those layers.
+        Drawn (seeded) from the ``pool`` x n channels nearest in log magnitude to the edited
+        channels' median."""
         from sinkinterp.metrics import find_massive_activations
 
         if self.channels is None:
             raise SinkInterpError("random_control needs resolved channels: call fit(model, tokens) first")
         layers = _layers(model, self.layers)
         massive = set(find_massive_activations(model, tokens, progress=False).channel.tolist()) | set(self.channels)
-        positions = list(self.positions)
-        resid = _capture(model, tokens, "hook_resid_post", layers, None, lambda x: x[:, positions])
-        typical = resid.abs().flatten(0, 2).median(dim=0).values  # [d_model]
+        others = [p for p in range(tokens.shape[1]) if p not in self.positions]
+        if not others:
+            raise SinkInterpError("random_control needs reference tokens longer than the edited positions")
+        per_layer = _capture(model, tokens, "hook_resid_post", layers, None,
+                             lambda x: x[:, others].abs().flatten(0, 1).median(dim=0).values)  # [layer d_model]
+        typical = per_layer.median(dim=0).values
         target = typical[list(self.channels)].median().clamp(min=1e-12).log()
         candidates = [c for c in range(model.cfg.d_model) if c not in massive]
         candidates.sort(key=lambda c: abs(float(typical[c].clamp(min=1e-12).log() - target)))
@@ -727,7 +742,8 @@ def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, repla
     """Hooks of a constant slot; ``logit`` [layers heads] and ``value`` [layers heads d_head] may
     require grad (``fit_constant_bias`` optimises them through these same hooks)."""
     n_heads, fq = model.cfg.n_heads, from_query
-    mask_heads, heads = heads, _index(heads, n_heads)
+    remove = _key_masker(heads, n_heads, position, fq)
+    heads = _index(heads, n_heads)
     hooks = []
     for index, layer in enumerate(layers):
         state: dict[str, Tensor] = {}
@@ -735,8 +751,7 @@ def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, repla
         def on_scores(scores, hook, state=state):
             _check_seq(position, scores.shape[-1], "ConstantAttentionBias")
             if replace_sink:
-                removed = _key_mask(scores.shape[-1], mask_heads, n_heads, position, fq, scores.device)
-                scores = scores.masked_fill(removed, float("-inf"))
+                scores = remove(scores)
             state["scores"] = scores
             return scores
 
