@@ -651,7 +651,7 @@ class PatchFirstTokenResidual(Intervention):
                 f"patch source must be token ids [rows, pos], 'mean', or a token, got {type(source).__name__}"
             )
         residual = _capture(model, tokens, f"hook_{hook}", selected, position)  # [layer rows d_model]
-        if source == "mean" and not isinstance(source, Tensor):
+        if not isinstance(source, Tensor) and source == "mean":
             residual = residual.mean(dim=1, keepdim=True)
         return cls(source=residual, layers=layers, hook=hook, position=position, description=description)
 

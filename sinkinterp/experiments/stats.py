@@ -1,0 +1,116 @@
+"""Per-sequence statistics with seeded percentile-bootstrap confidence intervals.
+
+Experiments compare conditions on the *same* evaluation sequences, so every interval that
+involves two or more conditions resamples sequence indices once and applies them to all of them
+(a paired bootstrap): the variation between sequences, which all conditions share, cancels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from sinkinterp.errors import SinkInterpError
+
+__all__ = ["Estimate", "bootstrap_mean", "paired_difference", "recovery_fraction"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its bootstrap interval ``[low, high]`` at ``confidence``."""
+
+    value: float
+    low: float
+    high: float
+    confidence: float = 0.95
+
+    def to_dict(self) -> dict[str, float]:
+        return {"value": self.value, "low": self.low, "high": self.high, "confidence": self.confidence}
+
+    def __str__(self) -> str:
+        if math.isnan(self.value):
+            return "undefined"
+        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def _check(values, name: str) -> Tensor:
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() < 2:
+        raise SinkInterpError(f"{name} has {x.numel()} values: a bootstrap needs at least 2 sequences")
+    if not bool(torch.isfinite(x).all()):
+        raise SinkInterpError(f"{name} holds non-finite values")
+    return x
+
+
+def _check_options(n_resamples: int, confidence: float) -> None:
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
+        raise SinkInterpError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
+    if not 0 < confidence < 1:
+        raise SinkInterpError(f"confidence {confidence!r} is outside (0, 1)")
+
+
+def _resample(n: int, n_resamples: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(n, (n_resamples, n), generator=generator)
+
+
+def _interval(point: float, draws: Tensor, confidence: float) -> Estimate:
+    alpha = (1 - confidence) / 2
+    finite = draws[torch.isfinite(draws)]
+    if math.isnan(point) or finite.numel() == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), confidence)
+    low, high = torch.quantile(finite, torch.tensor([alpha, 1 - alpha], dtype=finite.dtype)).tolist()
+    return Estimate(point, low, high, confidence)
+
+
+def _paired(*arrays: tuple[str, object]) -> list[Tensor]:
+    tensors = [_check(values, name) for name, values in arrays]
+    lengths = {t.numel() for t in tensors}
+    if len(lengths) != 1:
+        sizes = ", ".join(f"{name} {t.numel()}" for (name, _), t in zip(arrays, tensors))
+        raise SinkInterpError(f"paired statistics need one value per sequence in each condition, got {sizes}")
+    return tensors
+
+
+def bootstrap_mean(values: Float[Tensor, " seq"] | list, *, n_resamples: int = 2000,
+                   confidence: float = 0.95, seed: int = 0) -> Estimate:
+    """Mean over sequences with a percentile-bootstrap interval (seeded)."""
+    _check_options(n_resamples, confidence)
+    x = _check(values, "values")
+    draws = x[_resample(x.numel(), n_resamples, seed)].mean(dim=1)
+    return _interval(float(x.mean()), draws, confidence)
+
+
+def paired_difference(values, baseline, *, n_resamples: int = 2000, confidence: float = 0.95,
+                      seed: int = 0) -> Estimate:
+    """``mean(values) - mean(baseline)`` over the same sequences, with a paired interval."""
+    _check_options(n_resamples, confidence)
+    x, base = _paired(("values", values), ("baseline", baseline))
+    diff = x - base
+    draws = diff[_resample(diff.numel(), n_resamples, seed)].mean(dim=1)
+    return _interval(float(diff.mean()), draws, confidence)
+
+
+def recovery_fraction(clean, broken, repaired, *, n_resamples: int = 2000, confidence: float = 0.95,
+                      seed: int = 0, min_gap: float = 1e-9) -> Estimate:
+    """``(loss_broken - loss_repaired) / (loss_broken - loss_clean)`` with a paired interval.
+
+    1 means the repair restores the clean loss, 0 that it does nothing, below 0 that it makes
+    things worse. Undefined (NaN) when breaking changes the mean loss by less than ``min_gap``;
+    resamples whose gap is that small are left out of the interval.
+    """
+    _check_options(n_resamples, confidence)
+    c, b, r = _paired(("clean", clean), ("broken", broken), ("repaired", repaired))
+
+    def ratio(c_mean: Tensor, b_mean: Tensor, r_mean: Tensor) -> Tensor:
+        gap = b_mean - c_mean
+        return torch.where(gap.abs() > min_gap, (b_mean - r_mean) / gap, torch.nan)
+
+    index = _resample(c.numel(), n_resamples, seed)
+    draws = ratio(c[index].mean(1), b[index].mean(1), r[index].mean(1))
+    point = float(ratio(c.mean(), b.mean(), r.mean()))
+    return _interval(point, draws, confidence)
