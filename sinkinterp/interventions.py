@@ -368,21 +368,32 @@ def _capture(model, tokens: Tensor, hook: str, layers: list[int], position: int 
     """A clean run's activation at ``blocks.{l}.{hook}`` for each layer: at ``position`` (batch
     first, so ``x[:, position]``), or reduced by ``select`` inside the hook so that only what is
     needed is kept (a full attention-score cache of every layer would not fit in memory)."""
-    from sinkinterp._batches import check_tokens
-
-    check_tokens(model, tokens)
     if position is not None:
         _check_seq(position, tokens.shape[1], "reference")
         select = lambda x: x[:, position]  # noqa: E731
-    kept: dict[int, Tensor] = {}
+    return _capture_all(model, tokens, layers, {hook: select})[hook]
 
-    def keep(x, hook, layer):
-        kept[layer] = (x if select is None else select(x)).detach().float().cpu()
 
-    hooks = [(f"blocks.{layer}.{hook}", lambda x, hook, layer=layer: keep(x, hook, layer)) for layer in layers]
+def _capture_all(model, tokens: Tensor, layers: list[int],
+                 selects: dict[str, Callable[[Tensor], Tensor] | None]) -> dict[str, Tensor]:
+    """Several hooks' selections in one clean forward: {hook: [layer, ...]}."""
+    from sinkinterp._batches import check_tokens
+
+    check_tokens(model, tokens)
+    kept: dict[tuple[str, int], Tensor] = {}
+
+    def keeper(hook_name: str, layer: int):
+        select = selects[hook_name]
+
+        def keep(x, hook):
+            kept[hook_name, layer] = (x if select is None else select(x)).detach().float().cpu()
+
+        return keep
+
+    hooks = [(f"blocks.{layer}.{name}", keeper(name, layer)) for name in selects for layer in layers]
     with torch.inference_mode():
         model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None)
-    return torch.stack([kept[layer] for layer in layers])
+    return {name: torch.stack([kept[name, layer] for layer in layers]) for name in selects}
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,13 +837,15 @@ def fit_constant_bias(
             "query to fit on; use longer sequences"
         )
     selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
-    scores = _capture(model, tokens, "attn.hook_attn_scores", selected_layers, None,
-                      lambda x: x[:, selected_heads, from_query:, position])  # [layer batch head query]
-    logit = scores.mean(dim=(1, 3))
+    _check_seq(position, tokens.shape[1], "reference")
+    kept = _capture_all(model, tokens, selected_layers, {
+        "attn.hook_attn_scores": lambda x: x[:, selected_heads, from_query:, position],  # [batch head query]
+        "attn.hook_v": lambda x: x[:, position],  # [batch kv d_head]
+    })
+    logit = kept["attn.hook_attn_scores"].mean(dim=(1, 3))
     value = None
     if with_value:
-        values = _capture(model, tokens, "attn.hook_v", selected_layers, position)  # [layer batch kv d]
-        value = _expand_kv(values.mean(dim=1), _group(model), dim=1)[:, selected_heads]
+        value = _expand_kv(kept["attn.hook_v"].mean(dim=1), _group(model), dim=1)[:, selected_heads]
     if method == "gradient":
         logit, value = _fit_by_gradient(model, tokens, selected_layers, selected_heads, logit, value,
                                         position, from_query, steps, lr, batch_size, seed, progress, history)
