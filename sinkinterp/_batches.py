@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 from torch import Tensor
 
 from sinkinterp.errors import SinkInterpError
@@ -177,9 +177,11 @@ def check_hooks_exist(model, names: Iterable[str]) -> None:
         )
 
 
-def check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise SinkInterpError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+def check_int(label: str, value, low: int = 0) -> int:
+    """``value`` if it is an integer >= ``low`` (not a bool), else a SinkInterpError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SinkInterpError(f"{label} must be an integer >= {low}, got {value!r}")
+    return value
 
 
 def batches(tokens: Tensor, offsets: Tensor, lengths: Tensor, attention_mask, batch_size: int):
@@ -206,7 +208,7 @@ def stream(
     from tqdm.auto import tqdm
 
     check_tokens(model, tokens)
-    check_batch_size(batch_size)
+    check_int("batch_size", batch_size, 1)
     offsets, lengths = check_mask(model, tokens, attention_mask)
     n_batches = -(-tokens.shape[0] // batch_size)
     show = n_batches > 1 if progress is None else progress
@@ -226,8 +228,3 @@ def stream(
         kwargs = {} if batch.attention_mask is None else {"attention_mask": batch.attention_mask.to(device)}
         with torch.inference_mode():
             model.run_with_hooks(batch.tokens.to(device), fwd_hooks=hooks, return_type=None, **kwargs)
-
-
-def relative_positions_count(batch: Batch) -> Float[Tensor, " pos"]:
-    """How many rows of ``batch`` have each relative position."""
-    return batch.valid().sum(dim=0).double()

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from sinkinterp._batches import check_int, check_tokens
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
@@ -59,10 +60,6 @@ def _freeze(value):
         value = value.detach().cpu().double().tolist()
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)):
-        return float(value) if isinstance(value, float) else value
     return value
 
 
@@ -162,11 +159,6 @@ def _check_from_query(from_query, position: int) -> None:
         )
 
 
-def _check_int(label: str, value, low: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SinkInterpError(f"{label} must be an integer >= {low}, got {value!r}")
-
-
 # --------------------------------------------------------------------------------------------
 # The base class
 
@@ -257,7 +249,7 @@ class MaskSinkKey(Intervention):
 
     def __post_init__(self):
         _norm_common(self)
-        _check_int("position", self.position)
+        check_int("position", self.position)
         _check_from_query(self.from_query, self.position)
 
     def hooks(self, model) -> list[Hook]:
@@ -302,7 +294,7 @@ class AblateSinkValue(Intervention):
     def __post_init__(self):
         _norm_common(self)
         _check_mode("AblateSinkValue", self.mode, self.MODES)
-        _check_int("position", self.position)
+        check_int("position", self.position)
         _check_from_query(self.from_query, self.position)
         object.__setattr__(self, "value", _freeze(self.value))
         if self.mode == "zero" and self.value is not None:
@@ -377,8 +369,6 @@ def _capture(model, tokens: Tensor, hook: str, layers: list[int], position: int 
 def _capture_all(model, tokens: Tensor, layers: list[int],
                  selects: dict[str, Callable[[Tensor], Tensor] | None]) -> dict[str, Tensor]:
     """Several hooks' selections in one clean forward: {hook: [layer, ...]}."""
-    from sinkinterp._batches import check_tokens
-
     check_tokens(model, tokens)
     kept: dict[tuple[str, int], Tensor] = {}
 
@@ -420,7 +410,7 @@ class ReplaceSinkKey(Intervention):
     def __post_init__(self):
         _norm_common(self)
         _check_mode("ReplaceSinkKey", self.mode, self.MODES)
-        _check_int("position", self.position)
+        check_int("position", self.position)
         object.__setattr__(self, "key", _freeze(self.key))
 
     @classmethod
@@ -632,7 +622,7 @@ class PatchFirstTokenResidual(Intervention):
         _norm_common(self, heads=False)
         if self.hook not in _RESID_HOOKS:
             raise SinkInterpError(f"hook {self.hook!r} is not one of {', '.join(map(repr, _RESID_HOOKS))}")
-        _check_int("position", self.position)
+        check_int("position", self.position)
         object.__setattr__(self, "source", _freeze(self.source))
 
     @classmethod
@@ -719,7 +709,7 @@ class ConstantAttentionBias(Intervention):
 
     def __post_init__(self):
         _norm_common(self)
-        _check_int("position", self.position)
+        check_int("position", self.position)
         _check_from_query(self.from_query, self.position)
         logit = _freeze(self.logit)
         if isinstance(logit, int):
@@ -825,8 +815,6 @@ def fit_constant_bias(
     list, receives each step's mini-batch loss; ``progress`` shows a bar.
     """
     history = [] if history is None else history
-    from sinkinterp._batches import check_tokens
-
     if method not in ("moments", "gradient"):
         raise SinkInterpError(f"fit_constant_bias method {method!r} is not one of 'moments', 'gradient'")
     check_tokens(model, tokens)
@@ -855,8 +843,8 @@ def fit_constant_bias(
 
 def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_query, steps, lr,
                      batch_size, seed, progress, history):
-    _check_int("steps", steps, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
     device = next(model.parameters()).device
     logit = logit.clone().to(device).requires_grad_(True)
     params = [logit]

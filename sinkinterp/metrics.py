@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sinkinterp._batches import Batch, Reducer, check_eps, check_tokens, stream
+from sinkinterp._batches import Batch, Reducer, check_eps, check_int, check_tokens, stream
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
@@ -54,12 +54,6 @@ def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise SinkInterpError(f"{name} must be a positive number, got {value!r}")
     return float(value)
-
-
-def _check_count(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SinkInterpError(f"{name} must be an integer >= {low}, got {value!r}")
-    return value
 
 
 def _query_weights(batch: Batch, device) -> Float[Tensor, "batch pos"]:
@@ -310,7 +304,7 @@ def sink_scores(
     ``attention_mask`` (1 = token, 0 = pad) is required for padded batches.
     """
     eps = check_eps(eps)
-    _check_count("min_queries", min_queries, 1)
+    check_int("min_queries", min_queries, 1)
     check_tokens(model, tokens)
     reducer = _SinkReducer(model, tokens.shape[1], eps, min_queries)
     stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
