@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Float
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from sinkinterp.errors import SinkInterpError
 
-__all__ = ["Estimate", "bootstrap_mean", "paired_difference", "recovery_fraction"]
+__all__ = ["Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference", "recovery_fraction"]
 
 
 @dataclass(frozen=True)
@@ -113,4 +114,23 @@ def recovery_fraction(clean, broken, repaired, *, n_resamples: int = 2000, confi
     index = _resample(c.numel(), n_resamples, seed)
     draws = ratio(c[index].mean(1), b[index].mean(1), r[index].mean(1))
     point = float(ratio(c.mean(), b.mean(), r.mean()))
+    return _interval(point, draws, confidence)
+
+
+def bootstrap_statistic(statistic: Callable[..., Tensor], *arrays, n_resamples: int = 2000,
+                        confidence: float = 0.95, seed: int = 0) -> Estimate:
+    """Any statistic of per-sequence arrays (dim 0 = sequence), resampling the same sequences in
+    all of them. ``statistic`` gets the arrays with a leading resample dimension, [R, n, ...],
+    and returns [R]; the point estimate is the statistic of the data itself (R = 1)."""
+    _check_options(n_resamples, confidence)
+    tensors = [torch.as_tensor(a, dtype=torch.float64) for a in arrays]
+    sizes = {t.shape[0] if t.dim() else 0 for t in tensors}
+    if len(sizes) != 1:
+        raise SinkInterpError(f"bootstrap_statistic needs one row per sequence in every array, got sizes {sorted(sizes)}")
+    n = sizes.pop()
+    if n < 2:
+        raise SinkInterpError(f"a bootstrap needs at least 2 sequences, got {n}")
+    point = float(statistic(*[t[None] for t in tensors])[0])
+    index = _resample(n, n_resamples, seed)
+    draws = statistic(*[t[index] for t in tensors]).to(torch.float64)
     return _interval(point, draws, confidence)

@@ -1,0 +1,226 @@
+"""Forward passes for experiments: per-sequence metrics, and fast per-layer / per-head sweeps.
+
+An intervention at layer l leaves layers < l unchanged, so a sweep variant does not need a full
+forward: the clean run's ``blocks.{l}.hook_resid_pre`` is cached once per mini-batch and every
+variant at layer l starts there (TransformerLens ``start_at_layer``). Variants that start at the
+same layer are stacked along the batch dimension (each variant's hooks act on its own rows) and
+share one forward. :func:`naive_sweep` is the reference: one full forward per variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from sinkinterp.errors import SinkInterpError
+from sinkinterp.interventions import Intervention, _heads, _layers, intervene
+
+__all__ = ["token_metrics", "sweep_variants", "restrict", "fast_sweep", "naive_sweep", "Variant"]
+
+Hook = tuple[str, Callable]
+
+#: Largest logits tensor the fast sweep builds at once (several stacked variants per unembedding).
+UNEMBED_BYTES = 1024**3
+
+# Stored per-layer arrays (first axis over the selected layers) and per-head arrays (second axis
+# over the selected heads), by intervention type: what restrict() slices.
+_PER_LAYER = {"AblateSinkValue": ("value",), "ReplaceSinkKey": ("key",), "EditMassiveChannels": ("values",),
+              "PatchFirstTokenResidual": ("source",), "ConstantAttentionBias": ("logit", "value")}
+_PER_HEAD = {"AblateSinkValue": ("value",), "ConstantAttentionBias": ("logit", "value"), "MaskSinkKey": ()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One sweep point: its label (layer, and head for head sweeps) and its interventions."""
+
+    layer: int
+    head: int | None
+    interventions: tuple[Intervention, ...]
+
+    @property
+    def label(self) -> dict[str, int]:
+        return {"layer": self.layer} if self.head is None else {"layer": self.layer, "head": self.head}
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """float32 log-probabilities, computed the one way every KL here uses (so clean vs clean is 0)."""
+    logits = logits.float()
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def token_metrics(logits: Tensor, tokens: Tensor, loss_from: int, metrics: Iterable[str],
+                  clean_logprobs: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-sequence means over query positions i >= ``loss_from`` (predicting token i + 1).
+
+    ``logits`` covers those queries only ([batch, pos - 1 - loss_from, vocab]); ``clean_logprobs``
+    likewise, for the KL divergence KL(clean || this run). Means are float64. Loss is
+    ``logsumexp(logits) - logit[target]``, so no log-softmax tensor is built unless KL is asked for.
+    """
+    targets = tokens[:, loss_from + 1:]
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    out = {"loss": (lse - logits.gather(-1, targets[..., None])[..., 0]).double().mean(dim=-1)}
+    if "accuracy" in metrics:
+        out["accuracy"] = (logits.argmax(dim=-1) == targets).double().mean(dim=-1)
+    if "kl" in metrics:
+        if clean_logprobs is None:
+            out["kl"] = torch.zeros(tokens.shape[0], dtype=torch.float64)
+        else:
+            logprobs = log_probs(logits)
+            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(dim=-1)
+            out["kl"] = kl.double().mean(dim=-1)
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def restrict(intervention: Intervention, model, layer: int, head: int | None = None) -> Intervention | None:
+    """The same intervention acting on one layer (and one head) only, with its stored arrays
+    sliced to match; None if it does not act on that layer / head."""
+    kind = type(intervention).__name__
+    layers = _layers(model, intervention.layers)
+    if layer not in layers:
+        return None
+    i = layers.index(layer)
+    changes = {"layers": (layer,)}
+    for name in _PER_LAYER.get(kind, ()):
+        value = getattr(intervention, name)
+        if isinstance(value, tuple) and value:
+            changes[name] = (value[i],)
+    if head is not None:
+        if kind not in _PER_HEAD:
+            raise SinkInterpError(f"a head sweep cannot restrict {kind} to one head: "
+                                  f"sweep 'layers' instead (heads can be swept for {', '.join(sorted(_PER_HEAD))})")
+        heads = _heads(model, intervention.heads)
+        if head not in heads:
+            return None
+        j = heads.index(head)
+        changes["heads"] = (head,)
+        for name in _PER_HEAD[kind]:
+            value = changes.get(name, getattr(intervention, name))
+            if isinstance(value, tuple) and value:
+                changes[name] = tuple((row[j],) for row in value)
+    return dataclasses.replace(intervention, **changes)
+
+
+def sweep_variants(model, interventions: Iterable[Intervention], sweep: str) -> list[Variant]:
+    """One variant per layer (``"layers"``) or per (layer, head) (``"heads"``) that every
+    intervention of the condition acts on."""
+    interventions = tuple(interventions)
+    variants = []
+    for layer in range(model.cfg.n_layers):
+        for head in ([None] if sweep == "layers" else range(model.cfg.n_heads)):
+            restricted = [restrict(iv, model, layer, head) for iv in interventions]
+            if restricted and all(r is not None for r in restricted):
+                variants.append(Variant(layer, head, tuple(restricted)))
+    if not variants:
+        raise SinkInterpError(f"the {sweep} sweep has no variant: no layer is shared by all its interventions")
+    return variants
+
+
+def _stacked(hook_lists: list[list[Hook]], rows: int) -> list[Hook]:
+    """Hooks for variants stacked along the batch: variant v owns rows [v*rows, (v+1)*rows)."""
+    by_name: dict[str, list[tuple[int, Callable]]] = {}
+    for v, hooks in enumerate(hook_lists):
+        for name, fn in hooks:
+            by_name.setdefault(name, []).append((v, fn))
+
+    def make(entries):
+        def hook(x, hook):
+            parts = list(x.split(rows, dim=0))
+            for v, fn in entries:
+                out = fn(parts[v], hook=hook)
+                if out is not None:
+                    parts[v] = out
+            return torch.cat(parts, dim=0)
+
+        return hook
+
+    return [(name, make(entries)) for name, entries in by_name.items()]
+
+
+def _logits_at(model, residual: Tensor, loss_from: int) -> Tensor:
+    """Unembed the final residual at the scored queries only."""
+    return model.unembed(model.ln_final(residual[:, loss_from:-1]))
+
+
+def _check_fast(model) -> None:
+    from transformer_lens import HookedTransformer
+
+    if not isinstance(model, HookedTransformer):
+        raise SinkInterpError(
+            f"fast sweeps need a HookedTransformer (start_at_layer); got {type(model).__name__}: use naive_sweep"
+        )
+
+
+def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
+               batch_size: int = 8, max_rows: int = 64, progress: bool = False) -> list[dict[str, Tensor]]:
+    """Per-variant per-sequence metrics, starting each variant at its layer from the cached clean
+    residual, with variants of one layer stacked up to ``max_rows`` rows per forward."""
+    from tqdm.auto import tqdm
+
+    _check_fast(model)
+    starts = sorted({v.layer for v in variants})
+    results: list[dict[str, list[Tensor]]] = [{} for _ in variants]
+    bar = tqdm(total=len(variants) * -(-tokens.shape[0] // batch_size), desc="sweep", unit="variant",
+               disable=not progress, leave=False)
+    with torch.inference_mode():
+        for begin in range(0, tokens.shape[0], batch_size):
+            batch = tokens[begin:begin + batch_size]
+            cached: dict[int, Tensor] = {}
+
+            def keeper(layer: int):
+                def keep(x, hook):
+                    cached[layer] = x.clone()
+                return keep
+
+            logits = model.run_with_hooks(batch, return_type="logits",
+                                          fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keeper(l)) for l in starts])
+            clean_lp = log_probs(logits[:, loss_from:-1]) if "kl" in metrics else None
+            del logits
+            rows = batch.shape[0]
+            per_forward = max(1, max_rows // rows)
+            for layer in starts:
+                group = [i for i, v in enumerate(variants) if v.layer == layer]
+                for chunk_start in range(0, len(group), per_forward):
+                    chunk = group[chunk_start:chunk_start + per_forward]
+                    hook_lists = [[h for iv in variants[i].interventions for h in iv.hooks(model)] for i in chunk]
+                    residual = cached[layer].repeat(len(chunk), 1, 1)
+                    with model.hooks(fwd_hooks=_stacked(hook_lists, rows)):
+                        final = model(residual, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
+                    # Unembed several variants per matmul (a larger GEMM is ~2x faster per row
+                    # here), keeping each logits tensor under UNEMBED_BYTES.
+                    size = rows * (batch.shape[1] - 1 - loss_from) * model.cfg.d_vocab * 4
+                    step = max(1, UNEMBED_BYTES // size)
+                    for first in range(0, len(chunk), step):
+                        ids = chunk[first:first + step]
+                        logits = _logits_at(model, final[first * rows:(first + len(ids)) * rows], loss_from)
+                        for k, i in enumerate(ids):
+                            part = logits[k * rows:(k + 1) * rows]
+                            for name, value in token_metrics(part, batch, loss_from, metrics, clean_lp).items():
+                                results[i].setdefault(name, []).append(value)
+                        del logits
+                    bar.update(len(chunk))
+    bar.close()
+    return [{name: torch.cat(parts) for name, parts in r.items()} for r in results]
+
+
+def naive_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
+                batch_size: int = 8, progress: bool = False) -> list[dict[str, Tensor]]:
+    """The reference: one full forward per variant and mini-batch."""
+    from tqdm.auto import tqdm
+
+    results: list[dict[str, list[Tensor]]] = [{} for _ in variants]
+    with torch.inference_mode():
+        for begin in range(0, tokens.shape[0], batch_size):
+            batch = tokens[begin:begin + batch_size]
+            clean_lp = None
+            if "kl" in metrics:
+                clean_lp = log_probs(model(batch)[:, loss_from:-1])
+            for i, variant in enumerate(tqdm(variants, desc="naive sweep", disable=not progress, leave=False)):
+                with intervene(model, *variant.interventions):
+                    logits = model(batch)[:, loss_from:-1]
+                for name, value in token_metrics(logits, batch, loss_from, metrics, clean_lp).items():
+                    results[i].setdefault(name, []).append(value)
+    return [{name: torch.cat(parts) for name, parts in r.items()} for r in results]
