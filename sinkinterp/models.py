@@ -143,7 +143,8 @@ def load_model(
 
     Args:
         name: ``"smollm2-135m"`` (the embedded model, works offline), a path to a
-            Llama-architecture ``.gguf`` file, or any TransformerLens model name (needs the hub).
+            Llama-architecture ``.gguf`` file, any TransformerLens model name (needs the hub), or
+            ``"tiny-llama"`` / ``"tiny-gpt2"`` (seeded random test models from ``sinkinterp.tiny``).
         backend: ``"hooked"`` for a ``HookedTransformer`` with LayerNorm folded as TransformerLens
             does by default; ``"bridge"`` for a ``TransformerBridge`` in compatibility mode, which
             uses the same hook names.
@@ -165,6 +166,13 @@ def load_model(
 
     if str(name) == EMBEDDED_MODEL:
         return _load_gguf(embedded_gguf_path(), EMBEDDED_MODEL, backend, device, dtype)
+    if str(name) in ("tiny-llama", "tiny-gpt2"):
+        # Seeded random test models (sinkinterp.tiny): no weights, no tokenizer, milliseconds.
+        if backend != "hooked":
+            raise SinkInterpError(f"{name} exists only as a HookedTransformer: use backend 'hooked'")
+        from sinkinterp import tiny
+
+        return _cast(getattr(tiny, str(name).replace("-", "_"))(), device=device, dtype=dtype)
     path = Path(name).expanduser()
     if str(name).endswith(".gguf") or path.is_file():
         if not path.is_file():

@@ -1,5 +1,25 @@
-"""Reproducible hypothesis experiments (issue 5). So far: the statistics every report uses."""
+"""Reproducible hypothesis experiments: specs, the runner, reports, and their statistics."""
 
-from sinkinterp.experiments.stats import Estimate, bootstrap_mean, paired_difference, recovery_fraction
+from sinkinterp.experiments.runner import run_experiment
+from sinkinterp.experiments.spec import (
+    BootstrapSpec,
+    ConditionSpec,
+    Criterion,
+    DataSpec,
+    ExperimentSpec,
+    builtin_specs,
+    load_spec,
+)
+from sinkinterp.experiments.stats import (
+    Estimate,
+    bootstrap_mean,
+    bootstrap_statistic,
+    paired_difference,
+    recovery_fraction,
+)
 
-__all__ = ["Estimate", "bootstrap_mean", "paired_difference", "recovery_fraction"]
+__all__ = [
+    "ExperimentSpec", "DataSpec", "ConditionSpec", "Criterion", "BootstrapSpec", "load_spec", "builtin_specs",
+    "run_experiment", "Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference",
+    "recovery_fraction",
+]

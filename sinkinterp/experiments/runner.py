@@ -1,0 +1,497 @@
+"""Run an :class:`ExperimentSpec`: one clean run, every condition on the same evaluation tokens.
+
+Order of work: validate the spec (no model), check the output folder, load the model, check the
+spec against it (layers, heads, context, data length), build the tokens, fit what needs fitting
+on the calibration split, then forward passes. Each condition's per-sequence numbers are written
+atomically to ``OUT/conditions/NN-name.json`` as soon as it finishes; ``resume=True`` reuses the
+files whose spec fingerprint matches. ``results.json``, ``report.md`` and the figures are built
+from those files, so a resumed run and an uninterrupted one give the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sinkinterp._io import atomic_write_json
+from sinkinterp.errors import SinkInterpError
+from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
+from sinkinterp.experiments.sweep import fast_sweep, log_probs, naive_sweep, sweep_variants, token_metrics
+from sinkinterp.interventions import (
+    ConstantAttentionBias,
+    EditMassiveChannels,
+    Intervention,
+    PatchFirstTokenResidual,
+    _heads,
+    _layers,
+    fit_constant_bias,
+    intervene,
+)
+
+__all__ = ["run_experiment", "Prepared"]
+
+#: Above this many bytes the clean log-probabilities (for KL) are recomputed per batch, not kept.
+CLEAN_CACHE_LIMIT = 2 * 1024**3
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "condition"
+
+
+def condition_file(out: Path, index: int, condition: ConditionSpec) -> Path:
+    return out / "conditions" / f"{index:02d}-{_slug(condition.name)}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Model-dependent checks and data
+
+
+def check_against_model(spec: ExperimentSpec, model) -> None:
+    """Everything the spec asks of the model, checked before any forward pass."""
+    cfg = model.cfg
+    if spec.data.seq_len > cfg.n_ctx:
+        raise SinkInterpError(f"spec.data.seq_len: {spec.data.seq_len} exceeds the model's context n_ctx = {cfg.n_ctx}")
+    needs_tokenizer = spec.data.source != "random" or spec.data.first_token not in ("none",) and not isinstance(
+        spec.data.first_token, int)
+    if needs_tokenizer and getattr(model, "tokenizer", None) is None:
+        raise SinkInterpError(f"spec.data: source {spec.data.source!r} / first_token {spec.data.first_token!r} "
+                              f"need a tokenizer, and {cfg.model_name} has none: use source 'random'")
+    from sinkinterp.data import resolve_token
+
+    for i, condition in enumerate(spec.conditions):
+        if condition.first_token not in (None, "random"):
+            try:
+                resolve_token(model, condition.first_token)
+            except SinkInterpError as e:
+                raise SinkInterpError(f"spec.conditions[{i}] ({condition.name!r}).first_token: {e}") from None
+        for j, record in enumerate(condition.interventions):
+            where = f"spec.conditions[{i}] ({condition.name!r}).interventions[{j}]"
+            try:
+                source = (record.get("fit") or {}).get("source")
+                if record["type"] == "PatchFirstTokenResidual" and source not in (None, "mean", "other"):
+                    resolve_token(model, source)
+                _layers(model, record.get("layers"))
+                if "heads" in record:
+                    _heads(model, record.get("heads"))
+                if record.get("channels") is not None:
+                    from sinkinterp.interventions import _select
+
+                    _select("channel", record["channels"], cfg.d_model, "residual channels")
+            except SinkInterpError as e:
+                raise SinkInterpError(f"{where}: {e}") from None
+
+
+def _data(model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Calibration and evaluation tokens (disjoint: calibration first) and how they were made."""
+    from sinkinterp.data import corpus_text, corpus_tokens, random_tokens
+
+    data = spec.data
+    n_total = data.n_calibration + data.n_seqs
+    record: dict[str, Any] = {"source": data.source, "first_token": data.first_token}
+    if data.source == "random":
+        tokens = random_tokens(model, n_total, data.seq_len, seed=data.seed, first_token=data.first_token)
+        record["seed"] = data.seed
+    else:
+        if data.source == "corpus":
+            text = corpus_text()
+            record["corpus"] = "pydoc_data.topics"
+        else:
+            text = Path(data.source).read_text(encoding="utf-8")
+        import hashlib
+
+        record["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+        try:
+            tokens = corpus_tokens(model, n_total, data.seq_len, text=text, first_token=data.first_token)
+        except SinkInterpError as e:
+            raise SinkInterpError(
+                f"spec.data: the split needs {data.n_calibration} calibration + {data.n_seqs} evaluation "
+                f"sequences: {e}"
+            ) from None
+    record["shape"] = list(tokens.shape)
+    return tokens[:data.n_calibration], tokens[data.n_calibration:], record
+
+
+# --------------------------------------------------------------------------------------------
+# Fitting interventions on the calibration split
+
+
+class _PerBatch:
+    """An intervention built per evaluation mini-batch: each sequence gets another input's
+    first-token residual (calibration sequence ``row % n_calibration``)."""
+
+    def __init__(self, record: dict, calibration: Tensor):
+        self.record, self.calibration = record, calibration
+
+    def build(self, model, rows: Tensor) -> Intervention:
+        source = self.calibration[rows % self.calibration.shape[0], :2]
+        return PatchFirstTokenResidual.fit(model, source, layers=self.record.get("layers"),
+                                           hook=self.record.get("hook", "resid_pre"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.record, "fit": {"source": "other"},
+                "resolved": "per sequence: calibration sequence (row % n_calibration)'s first-token residual"}
+
+
+def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | _PerBatch:
+    kind, fit = record["type"], record.get("fit")
+    plain = {k: v for k, v in record.items() if k not in ("type", "fit")}
+    if fit is None:
+        return Intervention.from_dict(record)
+    cls = type(Intervention.from_dict({"type": kind, **_placeholder(kind)}))
+    if kind == "MaskSinkKey":
+        from_query = plain.get("from_query", 16)
+        low = fit.get("low", 1)
+        if fit.get("position") != "random" or not 0 <= low < from_query:
+            raise SinkInterpError(f"MaskSinkKey fit needs position: random and 0 <= low < from_query, got {fit}")
+        generator = torch.Generator().manual_seed(seed)
+        position = int(torch.randint(low, from_query, (1,), generator=generator))
+        return cls(**{**plain, "position": position})
+    if kind == "AblateSinkValue":
+        mode = fit.get("mode", "mean")
+        source = calibration if mode == "mean" else calibration[:1]
+        return cls.fit(model, source, mode=mode, **{k: plain[k] for k in ("layers", "heads", "position", "from_query") if k in plain})
+    if kind == "ReplaceSinkKey":
+        mode = fit.get("mode", "mean_other")
+        source = calibration if mode == "mean_other" else calibration[:1]
+        return cls.fit(model, source, mode=mode, **{k: plain[k] for k in ("layers", "heads", "position") if k in plain})
+    if kind == "EditMassiveChannels":
+        edit = cls.fit(model, calibration, min_fraction=fit.get("min_fraction", 0.5),
+                       **{k: plain[k] for k in ("channels", "positions", "layers", "mode", "factor") if k in plain})
+        if fit.get("control") == "random":
+            edit = edit.random_control(model, calibration, seed=seed, pool=fit.get("pool", 10))
+        elif fit.get("control") is not None:
+            raise SinkInterpError(f"EditMassiveChannels fit control {fit['control']!r} is not 'random' or null")
+        return edit
+    if kind == "PatchFirstTokenResidual":
+        source = fit.get("source", "mean")
+        if source == "other":
+            return _PerBatch(plain, calibration)
+        options = {k: plain[k] for k in ("layers", "hook", "position") if k in plain}
+        if source == "mean":
+            return cls.fit(model, "mean", reference=calibration, **options)
+        return cls.fit(model, source, **options)
+    if kind == "ConstantAttentionBias":
+        options = {k: plain[k] for k in ("layers", "heads", "position", "from_query") if k in plain}
+        options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value") if k in fit})
+        return fit_constant_bias(model, calibration, method=fit.get("method", "moments"), seed=seed, **options)
+    raise SinkInterpError(f"{kind} cannot be fitted")
+
+
+def _placeholder(kind: str) -> dict:
+    # Enough fields for the class lookup only; the real values come from the fit.
+    return {"EditMassiveChannels": {"channels": (0,)}, "PatchFirstTokenResidual": {"source": ()},
+            "ReplaceSinkKey": {"key": ()}}.get(kind, {})
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes
+
+
+class _Evaluator:
+    """Runs the evaluation tokens under a set of hooks and returns per-sequence metrics."""
+
+    def __init__(self, model, spec: ExperimentSpec, tokens: Tensor):
+        self.model, self.spec, self.tokens = model, spec, tokens
+        self.metrics = spec.metrics
+        size = tokens.shape[0] * (tokens.shape[1] - 1 - spec.loss_from) * model.cfg.d_vocab * 4
+        self.keep_clean = "kl" in self.metrics and size <= CLEAN_CACHE_LIMIT
+        self.clean_logprobs: dict[int, Tensor] = {}
+
+    def batches(self):
+        size = self.spec.data.batch_size
+        for begin in range(0, self.tokens.shape[0], size):
+            yield begin, torch.arange(begin, min(begin + size, self.tokens.shape[0]))
+
+    def _clean_lp(self, begin: int, batch: Tensor) -> Tensor | None:
+        if "kl" not in self.metrics:
+            return None
+        if begin in self.clean_logprobs:
+            return self.clean_logprobs[begin]
+        return log_probs(self.model(batch)[:, self.spec.loss_from:-1])
+
+    def _alpha_hooks(self, store: list[Tensor]):
+        n_layers = self.model.cfg.n_layers
+        layer_alpha: dict[int, Tensor] = {}
+
+        def hook(pattern, hook):
+            layer = int(hook.name.split(".")[1])
+            layer_alpha[layer] = pattern[..., 0].double().mean(dim=-1).cpu()  # [batch head]: alpha at k = 0
+            if len(layer_alpha) == n_layers:
+                store.append(torch.stack([layer_alpha[l] for l in range(n_layers)], dim=1))
+                layer_alpha.clear()
+
+        return [(f"blocks.{l}.attn.hook_pattern", hook) for l in range(n_layers)]
+
+    def run(self, interventions: list, first_token: Tensor | None = None, clean: bool = False) -> dict[str, Tensor]:
+        out: dict[str, list[Tensor]] = {}
+        alpha: list[Tensor] = []
+        want_alpha = "sink_ratio" in self.metrics or clean
+        with torch.inference_mode():
+            for begin, rows in self.batches():
+                batch = self.tokens[rows]
+                clean_lp = None if clean else self._clean_lp(begin, batch)
+                if first_token is not None:
+                    batch = batch.clone()
+                    batch[:, 0] = first_token[rows]
+                built = [iv.build(self.model, rows) if hasattr(iv, "build") else iv for iv in interventions]
+                with intervene(self.model, *built):
+                    logits = self.model.run_with_hooks(
+                        batch, return_type="logits", fwd_hooks=self._alpha_hooks(alpha) if want_alpha else [])
+                logits = logits[:, self.spec.loss_from:-1]
+                if clean and "kl" in self.metrics:
+                    clean_lp = log_probs(logits)
+                    if self.keep_clean:
+                        self.clean_logprobs[begin] = clean_lp
+                for name, value in token_metrics(logits, self.tokens[rows], self.spec.loss_from, self.metrics,
+                                                 clean_lp).items():
+                    out.setdefault(name, []).append(value)
+        result = {name: torch.cat(parts) for name, parts in out.items()}
+        if want_alpha:
+            result["alpha_first"] = torch.cat(alpha)  # [seq layer head]
+        return result
+
+    def sweep(self, interventions: list, kind: str, progress: bool) -> tuple[list, list[dict[str, Tensor]]]:
+        from transformer_lens import HookedTransformer
+
+        if any(hasattr(iv, "build") for iv in interventions):
+            raise SinkInterpError("a sweep cannot use per-sequence patch sources (fit source 'other')")
+        variants = sweep_variants(self.model, interventions, kind)
+        metrics = ("loss",)  # a sweep reports the per-layer (per-head) loss effect
+        options = dict(loss_from=self.spec.loss_from, metrics=metrics, batch_size=self.spec.data.batch_size,
+                       progress=progress)
+        if isinstance(self.model, HookedTransformer):
+            results = fast_sweep(self.model, self.tokens, variants, max_rows=self.spec.sweep_rows, **options)
+        else:  # TransformerBridge has no start_at_layer: one full forward per variant
+            results = naive_sweep(self.model, self.tokens, variants, **options)
+        return variants, results
+
+
+def _lists(values: dict[str, Tensor]) -> dict[str, list]:
+    return {name: value.tolist() for name, value in values.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance
+
+
+def _git_commit() -> dict[str, Any] | None:
+    folder = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, Any]:
+    from sinkinterp.scan import describe_model, package_versions
+
+    info = describe_model(model)
+    source = info.get("source") or {}
+    return {
+        "model": info,
+        "weights_sha256": source.get("sha256"),
+        "versions": package_versions(),
+        "git": _git_commit(),
+        "seed": spec.seed,
+        "bos_policy": {"first_token": spec.data.first_token, "tokenizer": source.get("bos_policy", None)
+                       if isinstance(source, dict) else None},
+        "data": data,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class Prepared:
+    """A spec, its model, its tokens and its output folder, checked and ready for forward passes."""
+
+    def __init__(self, spec: ExperimentSpec, out: Path | None, model, resume: bool):
+        self.spec, self.out, self.resume = spec, out, resume
+        self.model = model
+        self.calibration, self.evaluation, self.data = _data(model, spec)
+        self.evaluator = _Evaluator(model, spec, self.evaluation)
+
+
+def _check_out(spec: ExperimentSpec, out: Path | None, resume: bool) -> None:
+    if out is None:
+        return
+    if out.exists() and not out.is_dir():
+        raise SinkInterpError(f"--out {str(out)!r} exists and is not a folder")
+    saved = out / "spec.json"
+    if saved.exists():
+        try:
+            previous = json.loads(saved.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        if not resume:
+            raise SinkInterpError(f"{out} already holds results: pass --resume to continue that run, or another --out")
+        if previous.get("fingerprint") != spec.fingerprint():
+            raise SinkInterpError(
+                f"{out} holds a run of a different spec (fingerprint {str(previous.get('fingerprint'))[:12]}, "
+                f"this spec {spec.fingerprint()[:12]}): use another --out, or the same spec and overrides to resume"
+            )
+
+
+def _load_done(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return record if record.get("fingerprint") == fingerprint else None
+
+
+def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model=None, resume: bool = False,
+                   progress: bool | None = None, log=print) -> dict[str, Any]:
+    """Run ``spec``; with ``out``, write every result there (see the module docstring).
+
+    ``model``: an already loaded model to use instead of loading ``spec.model``. Returns the
+    results record (the content of ``results.json``).
+    """
+    from sinkinterp.experiments.report import assemble, write_outputs
+
+    if not isinstance(spec, ExperimentSpec):
+        raise SinkInterpError(f"run_experiment takes an ExperimentSpec (see load_spec), got {type(spec).__name__}")
+    out = None if out is None else Path(out)
+    _check_out(spec, out, resume)
+    progress = _show_progress() if progress is None else progress
+    if model is None:
+        from sinkinterp.models import load_model
+
+        model = load_model(spec.model, backend=spec.backend)
+    check_against_model(spec, model)
+    run = Prepared(spec, out, model, resume)
+    fingerprint = spec.fingerprint()
+    started = time.perf_counter()
+    if out is not None:
+        atomic_write_json(out / "spec.json", {"fingerprint": fingerprint, "spec": spec.to_dict()})
+
+    log(f"[{spec.name}] clean run on {tuple(run.evaluation.shape)} evaluation tokens")
+    clean = _lists(run.evaluator.run([], clean=True))
+    if out is not None:
+        previous = _load_done(out / "clean.json", fingerprint)
+        if previous is not None and previous["per_sequence"]["loss"] != clean["loss"]:
+            raise SinkInterpError(f"{out}/clean.json differs from this clean run: the model or data changed; "
+                                  "use another --out")
+        atomic_write_json(out / "clean.json", {"fingerprint": fingerprint, "per_sequence": clean})
+
+    records = []
+    for index, condition in enumerate(spec.conditions):
+        path = None if out is None else condition_file(out, index, condition)
+        done = _load_done(path, fingerprint) if (resume and path is not None) else None
+        if done is not None:
+            log(f"[{spec.name}] {condition.name}: done earlier, reusing {path.name}")
+            records.append(done)
+            continue
+        start = time.perf_counter()
+        record = _run_condition(run, condition, progress)
+        record.update(fingerprint=fingerprint, seconds=round(time.perf_counter() - start, 2))
+        log(f"[{spec.name}] {condition.name}: {record['seconds']:.1f} s")
+        if path is not None:
+            atomic_write_json(path, record)
+            record = json.loads(path.read_text())  # the same floats a resumed run reads back
+        records.append(record)
+
+    measurements = _measurements(run, clean, out, fingerprint, resume, log)
+    results = assemble(spec, clean, records, measurements, provenance(model, spec, run.data))
+    results["provenance"]["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["provenance"]["seconds"] = round(time.perf_counter() - started, 1)
+    if out is not None:
+        write_outputs(results, out)
+    return results
+
+
+def _show_progress() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _run_condition(run: Prepared, condition: ConditionSpec, progress: bool) -> dict[str, Any]:
+    spec, model = run.spec, run.model
+    interventions = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
+    record: dict[str, Any] = {
+        "name": condition.name,
+        "interventions": [iv.to_dict() for iv in interventions],
+    }
+    if condition.sweep is not None:
+        variants, results = run.evaluator.sweep(interventions, condition.sweep, progress)
+        record["sweep"] = [{**v.label, "per_sequence": _lists(r)} for v, r in zip(variants, results)]
+        return record
+    first_token = None
+    if condition.first_token is not None:
+        first_token = _first_tokens(model, condition.first_token, run.evaluation.shape[0], spec.seed)
+        record["first_tokens"] = first_token.tolist()
+    record["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
+    return record
+
+
+def _first_tokens(model, token, n: int, seed: int) -> Tensor:
+    from sinkinterp.data import _allowed_ids, resolve_token
+
+    if token == "random":
+        allowed = _allowed_ids(model)
+        generator = torch.Generator().manual_seed(seed)
+        return allowed[torch.randint(len(allowed), (n,), generator=generator)]
+    return torch.full((n,), resolve_token(model, token), dtype=torch.long)
+
+
+def _measurements(run: Prepared, clean: dict, out: Path | None, fingerprint: str, resume: bool, log) -> dict:
+    if not run.spec.measurements:
+        return {}
+    path = None if out is None else out / "measurements.json"
+    done = _load_done(path, fingerprint) if (resume and path is not None) else None
+    if done is not None:
+        log(f"[{run.spec.name}] measurements: done earlier, reusing {path.name}")
+        return done["measurements"]
+    measured = {}
+    if "value_weighted" in run.spec.measurements:
+        log(f"[{run.spec.name}] value-weighted sink shares, one sequence at a time")
+        measured["value_weighted"] = _value_weighted(run, clean)
+    if path is not None:
+        atomic_write_json(path, {"fingerprint": fingerprint, "measurements": measured})
+        measured = json.loads(path.read_text())["measurements"]
+    return measured
+
+
+def _value_weighted(run: Prepared, clean: dict) -> dict[str, Any]:
+    """Per sequence: attention share and value-weighted norm share of the sink, averaged over the
+    sink heads (clean alpha at the first token > eps); plus the per-head means."""
+    from sinkinterp.metrics import value_weighted_attention
+
+    alpha = torch.tensor(clean["alpha_first"]).mean(dim=0)  # [layer head]
+    sink_heads = [(l, h) for l, h in zip(*torch.nonzero(alpha > run.spec.eps, as_tuple=True))]
+    sink_heads = [(int(l), int(h)) for l, h in sink_heads]
+    if not sink_heads:
+        raise SinkInterpError(f"no head has a clean sink score above eps = {run.spec.eps}: nothing to measure")
+    per_sequence: dict[str, list[float]] = {"attn_sink_share": [], "norm_sink_share": [], "no_op_gap": []}
+    frames = []
+    for row in range(run.evaluation.shape[0]):
+        frame = value_weighted_attention(run.model, run.evaluation[row:row + 1], progress=False)
+        frames.append(frame)
+        chosen = frame.set_index(["layer", "head"]).loc[sink_heads]
+        for key in per_sequence:
+            per_sequence[key].append(float(chosen[key].mean()))
+    import pandas as pd
+
+    heads = pd.concat(frames).groupby(["layer", "head"], as_index=False)[
+        ["attn_sink_share", "norm_sink_share", "no_op_gap"]].mean()
+    return {"sink_heads": [list(h) for h in sink_heads], "per_sequence": per_sequence,
+            "per_head": heads.to_dict(orient="records")}

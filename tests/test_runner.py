@@ -1,0 +1,325 @@
+"""The experiment runner on tiny models: determinism, resume after an interrupt, sweeps, verdicts."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sinkinterp.data import random_tokens
+from sinkinterp.errors import SinkInterpError
+from sinkinterp.experiments import ExperimentSpec, run_experiment
+from sinkinterp.experiments import runner as runner_module
+from sinkinterp.experiments.report import _Stats, judge
+from sinkinterp.experiments.stats import (
+    Estimate,
+    bootstrap_mean,
+    bootstrap_statistic,
+    paired_difference,
+    recovery_fraction,
+)
+from sinkinterp.experiments.sweep import fast_sweep, naive_sweep, restrict, sweep_variants, token_metrics
+from sinkinterp.interventions import (
+    AblateSinkValue,
+    ConstantAttentionBias,
+    EditMassiveChannels,
+    MaskSinkKey,
+    fit_constant_bias,
+)
+from sinkinterp.tiny import tiny_gpt2, tiny_llama
+
+SPEC = {
+    "name": "tiny",
+    "model": "tiny-llama",
+    "data": {"source": "random", "seq_len": 32, "n_seqs": 6, "n_calibration": 3, "batch_size": 4},
+    "loss_from": 8,
+    "eps": 0.05,
+    "metrics": ["loss", "kl", "accuracy", "sink_ratio"],
+    "measurements": ["value_weighted"],
+    "bootstrap": {"n_resamples": 200},
+    "conditions": [
+        {"name": "mask", "interventions": [{"type": "MaskSinkKey", "from_query": 8}]},
+        {"name": "slot", "repairs": "mask",
+         "interventions": [{"type": "ConstantAttentionBias", "from_query": 8, "fit": {"method": "gradient", "steps": 3}}]},
+        {"name": "other first", "interventions": [{"type": "PatchFirstTokenResidual", "fit": {"source": "other"}}]},
+        {"name": "random first", "first_token": "random"},
+        {"name": "control", "control_for": "mask",
+         "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
+        {"name": "massive", "interventions": [{"type": "EditMassiveChannels", "channels": [3], "mode": "mean",
+                                                "fit": {"control": "random"}}]},
+        {"name": "value sweep", "sweep": "heads",
+         "interventions": [{"type": "AblateSinkValue", "from_query": 8, "fit": {"mode": "mean"}}]},
+    ],
+    "criteria": [
+        {"hypothesis": "h", "kind": "recovers", "condition": "slot", "threshold": 0.8},
+        {"hypothesis": "h", "kind": "exceeds_control", "condition": "mask", "threshold": 0.0},
+        {"hypothesis": "g", "kind": "measurement_above", "measurement": "no_op_gap", "threshold": 0.0},
+    ],
+}
+
+
+def quiet(*_):
+    pass
+
+
+def _strip_timing(value):
+    """results.json without what legitimately differs between runs: timestamps and durations."""
+    if isinstance(value, dict):
+        return {k: _strip_timing(v) for k, v in value.items() if k not in ("created", "seconds")}
+    if isinstance(value, list):
+        return [_strip_timing(v) for v in value]
+    return value
+
+
+def _results(folder: Path) -> dict:
+    return _strip_timing(json.loads((folder / "results.json").read_text()))
+
+
+def test_same_spec_twice_gives_identical_results(tmp_path):
+    spec = ExperimentSpec.from_dict(SPEC)
+    run_experiment(spec, tmp_path / "a", model=tiny_llama(), log=quiet)
+    run_experiment(spec, tmp_path / "b", model=tiny_llama(), log=quiet)
+    a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
+    assert a == b
+    # and the record is complete: provenance, every condition, the sweep, measurements, verdicts
+    assert a["provenance"]["seed"] == 0 and a["provenance"]["bos_policy"]["first_token"] == "none"
+    assert a["provenance"]["versions"]["torch"] == torch.__version__
+    assert [c["name"] for c in a["conditions"]] == [c["name"] for c in SPEC["conditions"]]
+    assert len(a["conditions"][-1]["sweep"]["variants"]) == 2 * 6
+    assert {v["hypothesis"] for v in a["verdicts"]} == {"h", "g"}
+    for name in ("report.md", "conditions.png", "sweep-value-sweep.png", "spec.json", "clean.json"):
+        assert (tmp_path / "a" / name).stat().st_size > 100
+    assert (tmp_path / "a" / "conditions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_clean_kl_is_zero_and_condition_numbers_match_a_direct_forward(tmp_path):
+    model = tiny_llama()
+    spec = ExperimentSpec.from_dict(SPEC)
+    results = run_experiment(spec, None, model=model, log=quiet)
+    tokens = random_tokens(model, 9, 32, seed=0)[3:]
+    with torch.inference_mode():
+        logits = model(tokens)[:, 8:-1]
+        from sinkinterp.interventions import intervene
+
+        with intervene(model, MaskSinkKey(from_query=8)):
+            masked = model(tokens)[:, 8:-1]
+    expected = token_metrics(masked, tokens, 8, ("loss", "kl"), logits.log_softmax(-1).float())
+    got = results["conditions"][0]["per_sequence"]
+    torch.testing.assert_close(torch.tensor(got["loss"], dtype=torch.float64), expected["loss"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(got["kl"], dtype=torch.float64), expected["kl"], rtol=0, atol=1e-6)
+    clean_loss = token_metrics(logits, tokens, 8, ("loss",))["loss"]
+    torch.testing.assert_close(torch.tensor(results["clean"]["per_sequence"]["loss"], dtype=torch.float64), clean_loss, rtol=0, atol=1e-6)
+    assert results["clean"]["per_sequence"]["kl"] == [0.0] * 6
+
+
+def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
+    spec = ExperimentSpec.from_dict(SPEC)
+    run_experiment(spec, tmp_path / "full", model=tiny_llama(), log=quiet)
+
+    model = tiny_llama()
+    real = runner_module._run_condition
+    calls = []
+
+    def interrupted(run, condition, progress):
+        calls.append(condition.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(run, condition, progress)
+
+    monkeypatch.setattr(runner_module, "_run_condition", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(spec, tmp_path / "cut", model=model, log=quiet)
+    monkeypatch.setattr(runner_module, "_run_condition", real)
+    cut = tmp_path / "cut"
+    assert sorted(p.name for p in (cut / "conditions").iterdir()) == ["00-mask.json", "01-slot.json"]
+    assert not list(cut.rglob("*.tmp")) and not (cut / "results.json").exists()
+    for path in cut.rglob("*.json"):
+        json.loads(path.read_text())  # every file on disk is whole
+    assert model.hook_dict["blocks.0.attn.hook_attn_scores"].fwd_hooks == []  # no hook left behind
+
+    with pytest.raises(SinkInterpError, match=r"already holds results: pass --resume"):
+        run_experiment(spec, cut, model=model, log=quiet)
+    other = spec.with_overrides({"seed": 1})
+    with pytest.raises(SinkInterpError, match=r"holds a run of a different spec"):
+        run_experiment(other, cut, model=model, resume=True, log=quiet)
+
+    lines = []
+    run_experiment(spec, cut, model=model, resume=True, log=lines.append)
+    assert sum("done earlier" in line for line in lines) == 2
+    assert _results(cut) == _results(tmp_path / "full")
+
+
+def test_sigint_leaves_whole_files_and_resume_matches(tmp_path):
+    """A real Ctrl-C (SIGINT) to the CLI mid-run, then `--resume`."""
+    record = json.loads(json.dumps(SPEC))
+    record["data"].update(n_seqs=60, seq_len=64, batch_size=20)
+    record["measurements"] = []
+    record["criteria"] = record["criteria"][:2]
+    record["conditions"] = [c for c in record["conditions"] if "sweep" not in c] + [
+        {"name": f"mask layer {l}", "interventions": [{"type": "MaskSinkKey", "from_query": 8, "layers": [l]}]}
+        for l in (0, 1)]
+    spec_file = tmp_path / "spec.yaml"
+    import yaml
+
+    spec_file.write_text(yaml.safe_dump(record))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "sinkinterp", "run", str(spec_file)]
+    subprocess.run(command + ["--out", str(tmp_path / "full")], check=True, capture_output=True, env=env)
+
+    cut = tmp_path / "cut"
+    process = subprocess.Popen(command + ["--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((cut / "conditions").glob("*.json")) if cut.exists() else True:
+        if process.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert b"interrupted; finished results are saved" in stderr
+    done = sorted((cut / "conditions").glob("*.json"))
+    assert 1 <= len(done) < len(record["conditions"]) and not (cut / "results.json").exists()
+    assert not list(cut.rglob("*.tmp"))
+    for path in cut.rglob("*.json"):
+        json.loads(path.read_text())
+    resumed = subprocess.run(command + ["--out", str(cut), "--resume"], capture_output=True, env=env, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("done earlier") == len(done)
+    assert _results(cut) == _results(tmp_path / "full")
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_fast_sweep_matches_one_full_forward_per_variant(builder):
+    model = builder()
+    tokens = random_tokens(model, 6, 40, seed=1)
+    reference = tokens[:3]
+    cases = [
+        ([AblateSinkValue(from_query=1)], "heads"),
+        ([AblateSinkValue.fit(model, reference, mode="mean", from_query=4)], "heads"),
+        ([MaskSinkKey(from_query=8)], "layers"),
+        ([fit_constant_bias(model, reference, from_query=8)], "heads"),
+        ([EditMassiveChannels(channels=(1, 2), mode="zero"), MaskSinkKey(from_query=8)], "layers"),
+    ]
+    metrics = ("loss", "kl", "accuracy")
+    for interventions, kind in cases:
+        variants = sweep_variants(model, interventions, kind)
+        fast = fast_sweep(model, tokens, variants, loss_from=8, metrics=metrics, batch_size=4, max_rows=12)
+        naive = naive_sweep(model, tokens, variants, loss_from=8, metrics=metrics, batch_size=4)
+        for f, n in zip(fast, naive):
+            for name in metrics:
+                torch.testing.assert_close(f[name], n[name], rtol=0, atol=1e-5)
+        assert max(float(r["kl"].max()) for r in fast) > 1e-4  # the interventions did something
+
+
+def test_restrict_slices_stored_arrays():
+    model = tiny_llama()
+    reference = random_tokens(model, 3, 24, seed=2)
+    value = AblateSinkValue.fit(model, reference, mode="mean", heads=[1, 4, 5])
+    one = restrict(value, model, 1, 4)
+    assert one.layers == (1,) and one.heads == (4,)
+    assert one.value == ((value.value[1][1],),)
+    assert restrict(value, model, 1, 0) is None  # head 0 is not ablated by this condition
+    slot = ConstantAttentionBias(logit=((1.0, 2.0), (3.0, 4.0)), layers=[0, 1], heads=[2, 3])
+    assert restrict(slot, model, 1, 3).logit == ((4.0,),)
+    with pytest.raises(SinkInterpError, match=r"a head sweep cannot restrict EditMassiveChannels to one head"):
+        sweep_variants(model, [EditMassiveChannels(channels=(1,))], "heads")
+
+
+def test_token_metrics_on_known_logits():
+    tokens = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
+    uniform = torch.zeros(2, 3, 5)
+    out = token_metrics(uniform, tokens, 0, ("loss", "kl", "accuracy"), uniform.log_softmax(-1))
+    torch.testing.assert_close(out["loss"], torch.full((2,), math.log(5), dtype=torch.float64))
+    torch.testing.assert_close(out["kl"], torch.zeros(2, dtype=torch.float64))
+    peaked = torch.full((2, 3, 5), -1e4)
+    peaked[0, :, 2] = 0.0  # row 0 always predicts token 2: right once (targets 1, 2, 3)
+    peaked[1, torch.arange(3), tokens[1, 1:]] = 0.0  # row 1 puts all mass on the right next token
+    out = token_metrics(peaked, tokens, 0, ("loss", "accuracy"))
+    assert float(out["loss"][1]) == pytest.approx(0.0, abs=1e-6)
+    assert float(out["loss"][0]) == pytest.approx(2 / 3 * 1e4, rel=1e-4)
+    assert out["accuracy"].tolist() == [pytest.approx(1 / 3), 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and verdicts
+
+
+def test_generic_bootstrap_equals_the_specific_ones():
+    g = torch.Generator().manual_seed(0)
+    clean, broken = torch.rand(12, generator=g), torch.rand(12, generator=g) + 1
+    repaired = clean + 0.1 * torch.rand(12, generator=g)
+    mean = lambda x: x.mean(dim=1)  # noqa: E731
+    assert bootstrap_statistic(mean, clean) == bootstrap_mean(clean)
+    generic = bootstrap_statistic(lambda a, b: mean(a) - mean(b), broken, clean)
+    paired = paired_difference(broken, clean)  # mean(a - b): the same up to rounding
+    assert (generic.value, generic.low, generic.high) == pytest.approx((paired.value, paired.low, paired.high), rel=1e-12)
+    spec = ExperimentSpec.from_dict(SPEC)
+    stats = _Stats(spec, {"loss": clean.tolist()})
+    recovery = stats.recovery({"loss": broken.tolist()}, {"loss": repaired.tolist()}, "loss")
+    expected = recovery_fraction(clean, broken, repaired, seed=0, n_resamples=200)
+    assert recovery.value == pytest.approx(expected.value)
+    assert (recovery.low, recovery.high) == pytest.approx((expected.low, expected.high))
+
+
+def test_sink_ratio_statistic_on_hand_built_alpha():
+    spec = ExperimentSpec.from_dict({**SPEC, "eps": 0.3})
+    alpha = torch.zeros(4, 2, 3, dtype=torch.float64)  # [seq layer head]
+    alpha[:, 0, 0] = 0.9
+    alpha[:, 1, 2] = torch.tensor([0.1, 0.2, 0.5, 0.6])  # mean 0.35 > 0.3
+    stats = _Stats(spec, {"alpha_first": alpha.tolist()})
+    assert stats.value({"alpha_first": alpha.tolist()}, "sink_ratio").value == pytest.approx(2 / 6)
+    half = alpha.clone()
+    half[:, 0, 0] = 0.2
+    assert stats.delta({"alpha_first": half.tolist()}, "sink_ratio").value == pytest.approx(-1 / 6)
+
+
+@pytest.mark.parametrize("kind, estimate, threshold, outcome", [
+    ("increases", Estimate(0.5, 0.3, 0.7), 0.1, "pass"),
+    ("increases", Estimate(0.05, 0.0, 0.09), 0.1, "fail"),
+    ("increases", Estimate(0.1, 0.05, 0.2), 0.1, "inconclusive"),
+    ("decreases", Estimate(-0.5, -0.7, -0.3), 0.1, "pass"),
+    ("decreases", Estimate(0.0, -0.05, 0.1), 0.1, "fail"),
+    ("negligible", Estimate(0.01, -0.02, 0.03), 0.05, "pass"),
+    ("negligible", Estimate(0.2, 0.1, 0.3), 0.05, "fail"),
+    ("negligible", Estimate(0.04, 0.01, 0.08), 0.05, "inconclusive"),
+    ("recovers", Estimate(0.95, 0.9, 0.99), 0.8, "pass"),
+    ("recovers", Estimate(0.5, 0.4, 0.7), 0.8, "fail"),
+    ("recovers", Estimate(math.nan, math.nan, math.nan), 0.8, "inconclusive"),
+    ("ratio_below", Estimate(0.2, 0.1, 0.3), 0.5, "pass"),
+    ("ratio_below", Estimate(0.7, 0.6, 0.8), 0.5, "fail"),
+    ("exceeds_control", Estimate(1.0, 0.8, 1.2), 0.1, "pass"),
+    ("measurement_above", Estimate(0.05, 0.01, 0.09), 0.1, "fail"),
+])
+def test_judge(kind, estimate, threshold, outcome):
+    assert judge(kind, estimate, threshold) == outcome
+
+
+def test_verdict_follows_the_numbers():
+    """The same spec gives 'supported' or 'not supported' depending only on the measured losses."""
+    from sinkinterp.experiments.report import assemble
+
+    spec = ExperimentSpec.from_dict(SPEC).with_overrides({"criteria": [
+        {"hypothesis": "h", "kind": "recovers", "condition": "slot", "threshold": 0.8}]})
+    clean = {"loss": [1.0, 1.1, 0.9, 1.0], "kl": [0.0] * 4, "accuracy": [0.5] * 4,
+             "alpha_first": [[[0.5] * 6] * 2] * 4}
+
+    def result(repaired_loss):
+        records = [{"name": c.name, "interventions": [], "per_sequence": {**clean, "loss": loss}}
+                   for c, loss in zip(spec.conditions, [[2.0, 2.1, 1.9, 2.0], repaired_loss] + [clean["loss"]] * 5)]
+        records[-1] = {"name": spec.conditions[-1].name, "interventions": [], "sweep": []}
+        return assemble(spec, clean, records, {}, {"versions": {}})["verdicts"][0]
+
+    good = result([1.05, 1.12, 0.96, 1.02])  # recovers ~95% of the mask's damage
+    bad = result([1.6, 1.7, 1.5, 1.6])  # recovers 40%
+    assert good["verdict"] == "supported" and good["criteria"][0]["estimate"]["value"] == pytest.approx(0.9625)
+    assert bad["verdict"] == "not supported" and bad["criteria"][0]["estimate"]["value"] == pytest.approx(0.4)
