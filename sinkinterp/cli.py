@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from sinkinterp.errors import SinkInterpError
@@ -102,6 +103,12 @@ def _scan(args) -> int:
 
 
 def _demo(args) -> int:
+    import tempfile
+
+    from sinkinterp.experiments import load_spec, run_experiment
+
+    # Checked before the model loads: a bad override fails at once.
+    spec = load_spec("implicit-bias", {"data.n_seqs": args.experiment_seqs, "data.n_calibration": 4})
     model, _ = _load_and_describe(args)
     print()
     completion = model.generate(
@@ -110,6 +117,58 @@ def _demo(args) -> int:
     print(f"greedy completion of {args.prompt!r}:\n  {completion!r}")
     print()
     _scan_and_print(model, args)
+    print()
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sinkinterp-demo-"))
+    results = run_experiment(spec, out, model=model)
+    print()
+    print(format_verdicts(results))
+    print(f"\nreport: {out / 'report.md'}")
+    return 0
+
+
+def format_verdicts(results: dict) -> str:
+    """Each hypothesis's verdict, with the criteria behind it, from a results record."""
+    from sinkinterp.experiments.report import _est
+
+    lines = []
+    for verdict in results["verdicts"]:
+        lines.append(f"{verdict['hypothesis']}: {verdict['verdict'].upper()}")
+        for r in verdict["criteria"]:
+            subject = f"{r['condition']}: " if r["condition"] else ""
+            lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {_est(r['estimate'])} "
+                         f"(rule: {r['rule']}, threshold {r['threshold']:g})")
+    return "\n".join(lines)
+
+
+def _override(text: str) -> tuple[str, object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. data.seq_len=64), got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def _run(args) -> int:
+    from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
+
+    if args.list:
+        for name, path in builtin_specs().items():
+            spec = load_spec(path)
+            print(f"{name:<16} {len(spec.conditions)} conditions  {' '.join(spec.description.split())[:90]}")
+        return 0
+    if args.spec is None:
+        raise SinkInterpError("name a spec file or a built-in spec (see sinkinterp run --list)")
+    overrides = dict(args.set or [])
+    for key, value in (("model", args.model), ("backend", args.backend), ("data.n_seqs", args.n_seqs)):
+        if value is not None:
+            overrides[key] = value
+    spec = load_spec(args.spec, overrides)
+    out = Path(args.out or Path("runs") / spec.name)
+    results = run_experiment(spec, out, resume=args.resume)
+    print()
+    print(format_verdicts(results))
+    print(f"\nwrote {out}/results.json, report.md and figures")
     return 0
 
 
@@ -144,12 +203,30 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=12)
     _add_scan_args(parser)
+    group = parser.add_argument_group("experiment")
+    group.add_argument("--experiment-seqs", type=int, default=8,
+                       help="evaluation sequences of the small implicit-bias experiment (default 8)")
+    group.add_argument("--out", metavar="DIR", help="where the experiment writes (default: a new temporary folder)")
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", metavar="SPEC_OR_NAME", help="a YAML spec file or a built-in spec name")
+    parser.add_argument("--list", action="store_true", help="list the built-in specs and exit")
+    parser.add_argument("--out", metavar="DIR", help="results folder (default runs/<spec name>)")
+    parser.add_argument("--model", help="override the spec's model")
+    parser.add_argument("--backend", choices=("hooked", "bridge"), help="override the spec's backend")
+    parser.add_argument("--n-seqs", type=int, help="override data.n_seqs (evaluation sequences)")
+    parser.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
+                        help="override any spec key, e.g. --set data.seq_len=64 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished conditions")
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("print a model's architecture, BOS policy and weight provenance", _info_args, _info),
     "scan": ("measure attention sinks and massive activations on corpus text", _scan_args, _scan),
-    "demo": ("the main job on the embedded model: info, a greedy completion and the scan summary", _demo_args, _demo),
+    "run": ("run a hypothesis experiment from a spec file or a built-in spec", _run_args, _run),
+    "demo": ("the main job on the embedded model: info, a greedy completion, the scan summary and a small "
+             "implicit-bias experiment", _demo_args, _demo),
 }
 
 
@@ -171,3 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     except SinkInterpError as e:
         print(f"sinkinterp: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Every file is written atomically, so what is on disk is whole; `run --resume` continues.
+        print("sinkinterp: interrupted; finished results are saved (sinkinterp run ... --resume continues)",
+              file=sys.stderr)
+        return 130

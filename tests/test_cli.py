@@ -35,14 +35,19 @@ def test_info_prints_and_writes_json(smollm2, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys):
-    assert main(["demo"]) == 0
+def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys, tmp_path):
+    assert main(["demo", "--experiment-seqs", "2", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "layers        30" in out
     assert "greedy completion of 'The capital of France is'" in out and "Paris" in out
     assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none)" in out
     assert "sink ratio (share of the 270 heads with alpha at k=0 > eps):  eps=0.3: 0." in out
     assert "channel 507   at first token" in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["spec"]["name"] == "implicit-bias" and results["spec"]["data"]["n_seqs"] == 2
+    verdict = results["verdicts"][0]
+    assert f"implicit-bias: {verdict['verdict'].upper()}" in out
+    assert sum(line.strip().startswith(("pass", "fail", "inconclusive")) for line in out.splitlines()) == 6
 
 
 @pytest.mark.integration

@@ -1,0 +1,76 @@
+"""The three built-in experiments end to end on the embedded model, at small sizes."""
+
+import json
+
+import pytest
+
+from sinkinterp.cli import main
+from sinkinterp.experiments import load_spec, run_experiment
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SMALL = {"data.seq_len": 48, "data.n_seqs": 3, "data.n_calibration": 2, "data.batch_size": 3,
+         "bootstrap.n_resamples": 200}
+
+
+def quiet(*_):
+    pass
+
+
+def by_name(results):
+    return {c["name"]: c for c in results["conditions"]}
+
+
+def test_implicit_bias_from_the_cli(smollm2, tmp_path, capsys):
+    out = tmp_path / "implicit"
+    sets = [f"{k}={v}" for k, v in SMALL.items() if k != "data.n_seqs"]
+    sets.append("conditions.2.interventions.0.fit.steps=3")
+    argv = ["run", "implicit-bias", "--out", str(out), "--n-seqs", "3"]
+    for item in sets:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "implicit-bias: " in printed and "recovery of loss" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["provenance"]["weights_sha256"] and results["provenance"]["bos_policy"]["first_token"] == "none"
+    assert results["spec"]["data"]["seq_len"] == 48
+    conditions = by_name(results)
+    assert len(conditions) == 8
+    mask = conditions["sink key masked"]["metrics"]["loss"]["delta"]
+    assert mask["low"] > 0.3  # removing the sink's key hurts this model badly
+    slot = conditions["constant slot (moments)"]["recovery"]["loss"]
+    assert slot["value"] > 0.6  # and a constant slot gives most of it back
+    assert conditions["first token replaced by random tokens"]["first_tokens"] != [0, 0, 0]
+    report = (out / "report.md").read_text()
+    verdict = results["verdicts"][0]["verdict"]
+    assert f"### implicit-bias: **{verdict}**" in report
+    assert (out / "conditions.png").stat().st_size > 1000
+
+
+def test_no_op_with_sweeps_and_measurement(smollm2, tmp_path):
+    spec = load_spec("no-op", SMALL)
+    results = run_experiment(spec, tmp_path / "no-op", model=smollm2, log=quiet)
+    conditions = by_name(results)
+    for name in ("sink value zeroed, per layer", "sink key masked, per layer"):
+        variants = conditions[name]["sweep"]["variants"]
+        assert [v["layer"] for v in variants] == list(range(30))
+    zero = conditions["sink value zeroed"]["metrics"]["loss"]["delta"]["value"]
+    mean = conditions["sink value replaced by its mean"]["metrics"]["loss"]["delta"]["value"]
+    assert zero > 0.1 and abs(mean) < zero / 4  # the sink's value matters, but only as a constant
+    measured = results["measurements"]["value_weighted"]
+    assert measured["n_sink_heads"] > 100
+    assert measured["no_op_gap"]["value"] > 0.05
+    assert (tmp_path / "no-op" / "sweep-sink-key-masked-per-layer.png").exists()
+
+
+def test_massive_channels_and_sink_ratio(smollm2, tmp_path):
+    spec = load_spec("massive", SMALL)
+    results = run_experiment(spec, tmp_path / "massive", model=smollm2, log=quiet)
+    conditions = by_name(results)
+    zeroed = conditions["massive channels zeroed"]
+    assert 507 in zeroed["interventions"][0]["channels"]
+    control = conditions["control: random channels zeroed"]["interventions"][0]["channels"]
+    assert 507 not in control and len(control) == len(zeroed["interventions"][0]["channels"])
+    assert zeroed["metrics"]["loss"]["delta"]["low"] > 1.0
+    assert zeroed["metrics"]["sink_ratio"]["delta"]["value"] < -0.2  # the sink goes with the channel
+    assert abs(conditions["control: random channels zeroed"]["metrics"]["loss"]["delta"]["value"]) < 0.1
