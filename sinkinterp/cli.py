@@ -107,8 +107,16 @@ def _demo(args) -> int:
 
     from sinkinterp.experiments import load_spec, run_experiment
 
-    # Checked before the model loads: a bad override fails at once.
-    spec = load_spec("implicit-bias", {"data.n_seqs": args.experiment_seqs, "data.n_calibration": 4})
+    # Small enough for the demo's time budget: fewer sequences and a 10-step gradient fit. Checked
+    # before the model loads, so a bad override fails at once.
+    spec = load_spec("implicit-bias")
+    overrides = {"data.n_seqs": args.experiment_seqs, "data.n_calibration": 4}
+    for i, condition in enumerate(spec.conditions):
+        for j, record in enumerate(condition.interventions):
+            if (record.get("fit") or {}).get("method") == "gradient":
+                overrides[f"conditions.{i}.interventions.{j}.fit.steps"] = 10
+                overrides[f"conditions.{i}.interventions.{j}.fit.batch_size"] = 2
+    spec = spec.with_overrides(overrides)
     model, _ = _load_and_describe(args)
     print()
     completion = model.generate(
