@@ -57,18 +57,8 @@ class _Stats:
         s = _statistic(metric, self.spec.eps)
         return self._boot(lambda x, o: s(x) - s(o), _series(ps, metric), _series(other, metric))
 
-    def recovery(self, broken: dict, repaired: dict, metric: str) -> Estimate:
-        """(broken - repaired) / (broken - clean): 1 = the repair restores the clean value."""
-        s = _statistic(metric, self.spec.eps)
-
-        def fn(b, r, c):
-            gap = s(b) - s(c)
-            return torch.where(gap.abs() > 1e-9, (s(b) - s(r)) / gap, torch.nan)
-
-        return self._boot(fn, _series(broken, metric), _series(repaired, metric), _series(self.clean, metric))
-
     def ratio(self, ps: dict, other: dict, metric: str) -> Estimate:
-        """delta(ps) / delta(other), both to clean."""
+        """delta(ps) / delta(other), both to clean; NaN where delta(other) is ~0."""
         s = _statistic(metric, self.spec.eps)
 
         def fn(a, b, c):
@@ -76,6 +66,12 @@ class _Stats:
             return torch.where(gap.abs() > 1e-9, (s(a) - s(c)) / gap, torch.nan)
 
         return self._boot(fn, _series(ps, metric), _series(other, metric), _series(self.clean, metric))
+
+    def recovery(self, broken: dict, repaired: dict, metric: str) -> Estimate:
+        """(broken - repaired) / (broken - clean) = 1 - delta(repaired) / delta(broken): 1 means the
+        repair restores the clean value. Percentile intervals map through 1 - x exactly."""
+        r = self.ratio(repaired, broken, metric)
+        return Estimate(1 - r.value, 1 - r.high, 1 - r.low, r.confidence)
 
     def mean(self, values: list[float]) -> Estimate:
         return self._boot(lambda x: x.mean(dim=1), torch.tensor(values, dtype=torch.float64))
