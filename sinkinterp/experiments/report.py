@@ -232,7 +232,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"- metrics over query positions i >= {spec['loss_from']} (predicting token i + 1); "
         f"{confidence:.0%} intervals: percentile bootstrap over sequences, {spec['bootstrap']['n_resamples']} "
         f"resamples, seed {spec['seed']}, paired across conditions",
-        f"- versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()),
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()),
         f"- git: {git.get('commit', '-')}{' (uncommitted changes)' if git.get('dirty') else ''}",
         f"- spec fingerprint `{results['fingerprint'][:16]}`", "",
     ]

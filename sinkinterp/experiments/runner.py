@@ -26,8 +26,7 @@ from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
 from sinkinterp.experiments.sweep import fast_sweep, log_probs, naive_sweep, sweep_variants, token_metrics
 from sinkinterp.interventions import (
-    ConstantAttentionBias,
-    EditMassiveChannels,
+    INTERVENTIONS,
     Intervention,
     PatchFirstTokenResidual,
     _heads,
@@ -145,7 +144,7 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
     plain = {k: v for k, v in record.items() if k not in ("type", "fit")}
     if fit is None:
         return Intervention.from_dict(record)
-    cls = type(Intervention.from_dict({"type": kind, **_placeholder(kind)}))
+    cls = INTERVENTIONS[kind]
     if kind == "MaskSinkKey":
         from_query = plain.get("from_query", 16)
         low = fit.get("low", 1)
@@ -183,12 +182,6 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
         options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value") if k in fit})
         return fit_constant_bias(model, calibration, method=fit.get("method", "moments"), seed=seed, **options)
     raise SinkInterpError(f"{kind} cannot be fitted")
-
-
-def _placeholder(kind: str) -> dict:
-    # Enough fields for the class lookup only; the real values come from the fit.
-    return {"EditMassiveChannels": {"channels": (0,)}, "PatchFirstTokenResidual": {"source": ()},
-            "ReplaceSinkKey": {"key": ()}}.get(kind, {})
 
 
 # --------------------------------------------------------------------------------------------
