@@ -219,6 +219,10 @@ def test_fast_sweep_matches_one_full_forward_per_variant(builder):
             for name in metrics:
                 torch.testing.assert_close(f[name], n[name], rtol=0, atol=1e-5)
         assert max(float(r["kl"].max()) for r in fast) > 1e-4  # the interventions did something
+        # loss only (what experiments' sweeps ask for): the clean pass stops at the last start layer
+        loss_only = fast_sweep(model, tokens, variants, loss_from=8, metrics=("loss",), batch_size=4, max_rows=12)
+        for f, n in zip(loss_only, naive):
+            torch.testing.assert_close(f["loss"], n["loss"], rtol=0, atol=1e-5)
 
 
 def test_restrict_slices_stored_arrays():

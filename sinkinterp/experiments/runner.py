@@ -10,6 +10,7 @@ from those files, so a resumed run and an uninterrupted one give the same number
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -104,8 +105,6 @@ def _data(model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
             record["corpus"] = "pydoc_data.topics"
         else:
             text = Path(data.source).read_text(encoding="utf-8")
-        import hashlib
-
         record["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
         try:
             tokens = corpus_tokens(model, n_total, data.seq_len, text=text, first_token=data.first_token)
@@ -142,6 +141,11 @@ class _PerBatch:
 def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | _PerBatch:
     kind, fit = record["type"], record.get("fit")
     plain = {k: v for k, v in record.items() if k not in ("type", "fit")}
+
+    def given(*keys: str) -> dict[str, Any]:
+        """The record's own values for these fields, to pass on to the fit."""
+        return {k: plain[k] for k in keys if k in plain}
+
     if fit is None:
         return Intervention.from_dict(record)
     cls = INTERVENTIONS[kind]
@@ -156,14 +160,14 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
     if kind == "AblateSinkValue":
         mode = fit.get("mode", "mean")
         source = calibration if mode == "mean" else calibration[:1]
-        return cls.fit(model, source, mode=mode, **{k: plain[k] for k in ("layers", "heads", "position", "from_query") if k in plain})
+        return cls.fit(model, source, mode=mode, **given("layers", "heads", "position", "from_query"))
     if kind == "ReplaceSinkKey":
         mode = fit.get("mode", "mean_other")
         source = calibration if mode == "mean_other" else calibration[:1]
-        return cls.fit(model, source, mode=mode, **{k: plain[k] for k in ("layers", "heads", "position") if k in plain})
+        return cls.fit(model, source, mode=mode, **given("layers", "heads", "position"))
     if kind == "EditMassiveChannels":
         edit = cls.fit(model, calibration, min_fraction=fit.get("min_fraction", 0.5),
-                       **{k: plain[k] for k in ("channels", "positions", "layers", "mode", "factor") if k in plain})
+                       **given("channels", "positions", "layers", "mode", "factor"))
         if fit.get("control") == "random":
             edit = edit.random_control(model, calibration, seed=seed, pool=fit.get("pool", 10))
         elif fit.get("control") is not None:
@@ -173,12 +177,12 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
         source = fit.get("source", "mean")
         if source == "other":
             return _PerBatch(plain, calibration)
-        options = {k: plain[k] for k in ("layers", "hook", "position") if k in plain}
+        options = given("layers", "hook", "position")
         if source == "mean":
             return cls.fit(model, "mean", reference=calibration, **options)
         return cls.fit(model, source, **options)
     if kind == "ConstantAttentionBias":
-        options = {k: plain[k] for k in ("layers", "heads", "position", "from_query") if k in plain}
+        options = given("layers", "heads", "position", "from_query")
         options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value") if k in fit})
         return fit_constant_bias(model, calibration, method=fit.get("method", "moments"), seed=seed, **options)
     raise SinkInterpError(f"{kind} cannot be fitted")
@@ -210,18 +214,14 @@ class _Evaluator:
             return self.clean_logprobs[begin]
         return log_probs(self.model(batch)[:, self.spec.loss_from:-1])
 
-    def _alpha_hooks(self, store: list[Tensor]):
-        n_layers = self.model.cfg.n_layers
-        layer_alpha: dict[int, Tensor] = {}
+    def _alpha_hooks(self, kept: dict[int, Tensor]):
+        """Hooks that keep alpha at k = 0 ([batch head]) per layer, read after the interventions."""
+        def keeper(layer: int):
+            def keep(pattern, hook):
+                kept[layer] = pattern[..., 0].double().mean(dim=-1).cpu()
+            return keep
 
-        def hook(pattern, hook):
-            layer = int(hook.name.split(".")[1])
-            layer_alpha[layer] = pattern[..., 0].double().mean(dim=-1).cpu()  # [batch head]: alpha at k = 0
-            if len(layer_alpha) == n_layers:
-                store.append(torch.stack([layer_alpha[l] for l in range(n_layers)], dim=1))
-                layer_alpha.clear()
-
-        return [(f"blocks.{l}.attn.hook_pattern", hook) for l in range(n_layers)]
+        return [(f"blocks.{l}.attn.hook_pattern", keeper(l)) for l in range(self.model.cfg.n_layers)]
 
     def run(self, interventions: list, first_token: Tensor | None = None, clean: bool = False) -> dict[str, Tensor]:
         out: dict[str, list[Tensor]] = {}
@@ -235,9 +235,12 @@ class _Evaluator:
                     batch = batch.clone()
                     batch[:, 0] = first_token[rows]
                 built = [iv.build(self.model, rows) if hasattr(iv, "build") else iv for iv in interventions]
+                kept: dict[int, Tensor] = {}
                 with intervene(self.model, *built):
                     logits = self.model.run_with_hooks(
-                        batch, return_type="logits", fwd_hooks=self._alpha_hooks(alpha) if want_alpha else [])
+                        batch, return_type="logits", fwd_hooks=self._alpha_hooks(kept) if want_alpha else [])
+                if want_alpha:
+                    alpha.append(torch.stack([kept[l] for l in range(self.model.cfg.n_layers)], dim=1))
                 logits = logits[:, self.spec.loss_from:-1]
                 if clean and "kl" in self.metrics:
                     clean_lp = log_probs(logits)
@@ -300,8 +303,7 @@ def provenance(model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, A
         "versions": package_versions(),
         "git": _git_commit(),
         "seed": spec.seed,
-        "bos_policy": {"first_token": spec.data.first_token, "tokenizer": source.get("bos_policy", None)
-                       if isinstance(source, dict) else None},
+        "bos_policy": {"first_token": spec.data.first_token, "tokenizer": info.get("bos_policy")},
         "data": data,
         "torch_threads": torch.get_num_threads(),
     }
@@ -312,11 +314,10 @@ def provenance(model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, A
 
 
 class Prepared:
-    """A spec, its model, its tokens and its output folder, checked and ready for forward passes."""
+    """A spec, its model and its tokens, checked and ready for forward passes."""
 
-    def __init__(self, spec: ExperimentSpec, out: Path | None, model, resume: bool):
-        self.spec, self.out, self.resume = spec, out, resume
-        self.model = model
+    def __init__(self, spec: ExperimentSpec, model):
+        self.spec, self.model = spec, model
         self.calibration, self.evaluation, self.data = _data(model, spec)
         self.evaluator = _Evaluator(model, spec, self.evaluation)
 
@@ -370,7 +371,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
 
         model = load_model(spec.model, backend=spec.backend)
     check_against_model(spec, model)
-    run = Prepared(spec, out, model, resume)
+    run = Prepared(spec, model)
     fingerprint = spec.fingerprint()
     started = time.perf_counter()
     if out is not None:

@@ -175,10 +175,14 @@ def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int
                     cached[layer] = x.clone()
                 return keep
 
-            logits = model.run_with_hooks(batch, return_type="logits",
-                                          fwd_hooks=[(f"blocks.{l}.hook_resid_pre", keeper(l)) for l in starts])
-            clean_lp = log_probs(logits[:, loss_from:-1]) if "kl" in metrics else None
-            del logits
+            keepers = [(f"blocks.{l}.hook_resid_pre", keeper(l)) for l in starts]
+            clean_lp = None
+            if "kl" in metrics:
+                logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=keepers)
+                clean_lp = log_probs(logits[:, loss_from:-1])
+                del logits
+            else:  # only the cached residuals are needed: stop after the last start layer, no unembedding
+                model.run_with_hooks(batch, fwd_hooks=keepers, stop_at_layer=starts[-1] + 1)
             rows = batch.shape[0]
             per_forward = max(1, max_rows // rows)
             for layer in starts:
