@@ -180,6 +180,104 @@ def _run(args) -> int:
     return 0
 
 
+def _threshold(text: str) -> tuple[str, float]:
+    label, sep, value = text.partition("=")
+    try:
+        return label, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LABEL=VALUE such as recall=0.2, got {text!r}") from None
+
+
+def format_heads(table, *, everything: bool = False) -> str:
+    """Label counts, then one line per head that carries a label other than ``sink`` (every
+    head with ``everything``)."""
+    counts = table["labels"].explode().value_counts()
+    lines = ["labels: " + ", ".join(f"{label} {count}" for label, count in counts.items())]
+    shown = table if everything else table[table["labels"].map(lambda ls: bool(set(ls) - {"sink", "none"}))]
+    columns = [c for c in ("previous_token", "duplicate", "induction", "recall", "recall_greedy", "sink",
+                           "distance", "q_peak_ratio", "k_peak_ratio") if c in table.columns]
+    header = f"{'head':<7}" + "".join(f"{c.replace('_', ' ')[:11]:>12}" for c in columns) + "  labels"
+    lines += ["", header]
+    for row in shown.itertuples(index=False):
+        values = "".join(f"{getattr(row, c):>12.3f}" for c in columns)
+        lines.append(f"{row.name:<7}{values}  {', '.join(row.labels)}")
+    return "\n".join(lines)
+
+
+def _heads(args) -> int:
+    import math
+
+    from sinkinterp._io import atomic_write_bytes, atomic_write_json
+    from sinkinterp.heads import classify_heads, qk_by_label, validate_heads
+    from sinkinterp.scan import describe_model, package_versions
+
+    model, _ = _load_and_describe(args)
+    print()
+    table = classify_heads(
+        model, seed=args.seed, thresholds=dict(args.threshold or []) or None, n_seqs=args.n_seqs,
+        context_lens=tuple(args.context_lens), n_prompts=args.n_prompts, greedy=not args.no_greedy,
+        batch_size=args.batch_size,
+    )
+    print(format_heads(table, everything=args.all))
+    if "greedy_reproduction_rate" in table.attrs:
+        rates = ", ".join(f"{length} tokens {g['reproduction_rate']:.0%} (exact {g['exact_rate']:.0%})"
+                          for length, g in table.attrs["greedy"].items())
+        print(f"\ngreedy reproduction of the needle (ROUGE-1 recall > 0.5): "
+              f"{table.attrs['greedy_reproduction_rate']:.0%} overall; {rates}")
+    qk = qk_by_label(table)
+    print("\nq/k massive values by label (peak = largest dimension RMS / the head's mean):")
+    print(qk.to_string(index=False, float_format=lambda x: "nan" if math.isnan(x) else f"{x:.3f}"))
+    record = {
+        "model": describe_model(model),
+        "versions": package_versions(),
+        "seed": args.seed,
+        "bos_policy": "none: corpus windows, repeated random tokens and needle prompts start with content tokens",
+        "heads": table.assign(labels=table["labels"].map(list)).to_dict(orient="records"),
+        "attrs": table.attrs,
+        "qk_by_label": qk.to_dict(orient="records"),
+    }
+    if args.validate:
+        validation = validate_heads(model, table, k=args.k, n_random=args.n_random, ablation=args.ablation,
+                                    sets=args.sets, seed=args.seed, batch_size=args.batch_size)
+        print()
+        print(validation)
+        record["validation"] = validation.to_dict()
+    figure = args.figure or (None if args.json is None else str(Path(args.json).with_suffix(".png")))
+    if args.json:
+        atomic_write_json(args.json, record)
+        print(f"wrote {args.json}")
+    if figure:
+        from sinkinterp.views import figure_png, plot_head_classes
+
+        atomic_write_bytes(figure, figure_png(plot_head_classes(table)))
+        print(f"wrote {figure}")
+    return 0
+
+
+def _heads_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    parser.add_argument("--seed", type=int, default=0, help="seeds every data set (default 0)")
+    parser.add_argument("--n-seqs", type=int, default=16, help="repeated-token and text sequences (default 16)")
+    parser.add_argument("--context-lens", type=int, nargs="+", default=[256, 512, 1024],
+                        help="needle prompt lengths in tokens (default 256 512 1024)")
+    parser.add_argument("--n-prompts", type=int, default=6, help="needle prompts per context length (default 6)")
+    parser.add_argument("--no-greedy", action="store_true", help="skip the greedy-generation recall score")
+    parser.add_argument("--threshold", type=_threshold, action="append", metavar="LABEL=VALUE",
+                        help="override a label's threshold, e.g. --threshold recall=0.2 (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    parser.add_argument("--all", action="store_true", help="print every head, not only the labelled ones")
+    parser.add_argument("--json", metavar="OUT", help="write the table, scores and provenance as JSON (atomically)")
+    parser.add_argument("--figure", metavar="PNG", help="layers x heads map of scores and labels "
+                        "(default: next to --json)")
+    group = parser.add_argument_group("causal validation")
+    group.add_argument("--validate", action="store_true", help="ablate top recall / induction / random heads")
+    group.add_argument("--k", type=int, default=5, help="heads per ablated set (default 5)")
+    group.add_argument("--n-random", type=int, default=5, help="seeded random draws of k heads (default 5)")
+    group.add_argument("--ablation", choices=("mean", "zero"), default="mean")
+    group.add_argument("--sets", choices=("top", "exclusive"), default="top",
+                       help="top-k by score, or top-k recall among non-induction heads and vice versa")
+
+
 def _info_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the info as JSON (atomically)")
@@ -233,6 +331,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("print a model's architecture, BOS policy and weight provenance", _info_args, _info),
     "scan": ("measure attention sinks and massive activations on corpus text", _scan_args, _scan),
     "run": ("run a hypothesis experiment from a spec file or a built-in spec", _run_args, _run),
+    "heads": ("score and label every head (sink, previous-token, duplicate, induction, recall), with q/k "
+              "massive values and an optional causal validation", _heads_args, _heads),
     "demo": ("the main job on the embedded model: info, a greedy completion, the scan summary and a small "
              "implicit-bias experiment", _demo_args, _demo),
 }

@@ -8,13 +8,27 @@ tokenizer works), ``"bos"``, a token string, or a token id.
 
 from __future__ import annotations
 
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from sinkinterp.errors import SinkInterpError
 
-__all__ = ["corpus_text", "corpus_tokens", "random_tokens", "repeated_random_tokens", "resolve_token"]
+__all__ = [
+    "corpus_text",
+    "corpus_tokens",
+    "random_tokens",
+    "repeated_random_tokens",
+    "resolve_token",
+    "NeedlePrompts",
+    "needle_prompts",
+]
 
 FirstToken = str | int
 
@@ -102,9 +116,7 @@ def corpus_tokens(
     _check_counts(n_seqs, seq_len, model, min_len=1 if first_id is None else 2)
     if text is None:
         text = corpus_text()
-    tokenizer = _tokenizer(model)
-    # verbose=False: the corpus is far longer than model_max_length, and that is intended here.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = _text_ids(model, text)
     n_text = seq_len - (first_id is not None)
     needed = n_seqs * n_text
     if len(ids) < needed:
@@ -115,6 +127,19 @@ def corpus_tokens(
         )
     tokens = torch.tensor(ids[:needed], dtype=torch.long).reshape(n_seqs, n_text)
     return _with_first(tokens, first_id)
+
+
+_TEXT_IDS: dict[tuple[str, int, str], list[int]] = {}
+
+
+def _text_ids(model, text: str) -> list[int]:
+    """``text`` tokenized without special tokens, cached per tokenizer (the corpus takes ~1 s)."""
+    tokenizer = _tokenizer(model)
+    key = (str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), hashlib.sha256(text.encode()).hexdigest())
+    if key not in _TEXT_IDS:
+        # verbose=False: the corpus is far longer than model_max_length, and that is intended here.
+        _TEXT_IDS[key] = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return _TEXT_IDS[key]
 
 
 def _allowed_ids(model) -> Tensor:
@@ -152,3 +177,214 @@ def repeated_random_tokens(
     _check_counts(n_seqs, 2 * half_len + (first_id is not None), model)
     half = random_tokens(model, n_seqs, half_len, seed=seed)
     return _with_first(torch.cat([half, half], dim=1), first_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Needle-in-a-haystack prompts (for recall / retrieval heads, Wu et al. 2024)
+
+_FIRST_NAMES = (
+    "Marta", "Kenji", "Amara", "Lars", "Priya", "Diego", "Sofia", "Tomas", "Ingrid", "Rafael",
+    "Yusuf", "Elena", "Mateo", "Hana", "Oskar", "Leila", "Nikolai", "Aisha", "Bruno", "Clara",
+    "Dmitri", "Esther", "Felipe", "Greta", "Hugo", "Imani", "Jonas", "Keiko", "Luca", "Mira",
+)
+_LAST_NAMES = (
+    "Oliveira", "Watanabe", "Okafor", "Eriksson", "Raman", "Alvarez", "Novak", "Lindqvist",
+    "Moreau", "Castillo", "Demir", "Petrova", "Romero", "Sato", "Berg", "Haddad", "Volkov",
+    "Mensah", "Costa", "Weber", "Ivanova", "Klein", "Duarte", "Holm", "Laurent", "Nwosu", "Falk",
+)
+_CITIES = (
+    "Lisbon", "Osaka", "Lagos", "Uppsala", "Chennai", "Cordoba", "Brno", "Malmo", "Lyon", "Quito",
+    "Izmir", "Kazan", "Seville", "Sapporo", "Bergen", "Beirut", "Tartu", "Accra", "Porto", "Graz",
+)
+NEEDLE_TEMPLATE = "The secret code of {name} from {city} is {number}."
+# Phrased as a question with the needle's own words: SmolLM2-135M answers it with the sentence
+# (ROUGE-1 recall > 0.5) in 60-75% of prompts at 256-1024 tokens, against 0-25% for a bare
+# "Repeat the sentence about X word for word." (measured on 8 prompts per length).
+REQUEST_TEMPLATE = (
+    "\n\nQuestion: What is the secret code of {name}? Answer with the full sentence from the text.\nAnswer:\n"
+)
+_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class NeedlePrompts:
+    """Needle-in-a-haystack prompts followed by the needle again (the answer, for teacher forcing).
+
+    Row r is ``tokens[r, :prompt_len]`` (haystack with the needle at ``needle_start[r]``, then the
+    request to repeat it), then the needle's ``needle_len[r]`` tokens again, then padding up to
+    the longest row. Every prompt has exactly ``prompt_len`` tokens, so greedy generation runs in
+    one batch without padding; padding sits after each answer, where a causal model never looks.
+    """
+
+    tokens: Int[Tensor, "n_prompts pos"]
+    prompt_len: int
+    needle_start: Int[Tensor, " n_prompts"]
+    needle_len: Int[Tensor, " n_prompts"]
+    needles: tuple[str, ...] = ()
+    depths: tuple[float, ...] = ()
+    seed: int | None = None
+    request: str = ""
+
+    def __post_init__(self):
+        tokens, n = self.tokens, self.tokens.shape[0] if isinstance(self.tokens, Tensor) else 0
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2 or n == 0:
+            raise SinkInterpError("NeedlePrompts.tokens must be a non-empty 2-D tensor [n_prompts, pos]")
+        for label in ("needle_start", "needle_len"):
+            value = getattr(self, label)
+            if not isinstance(value, Tensor) or value.shape != (n,):
+                raise SinkInterpError(f"NeedlePrompts.{label} must be a tensor of shape ({n},)")
+        if bool((self.needle_len < 1).any()) or bool((self.needle_start < 0).any()):
+            raise SinkInterpError("NeedlePrompts: every needle needs a start >= 0 and at least one token")
+        end = self.needle_start + self.needle_len
+        if bool((end > self.prompt_len).any()):
+            row = int((end > self.prompt_len).nonzero()[0])
+            raise SinkInterpError(
+                f"needle of prompt {row} ends at {int(end[row])}, beyond the prompt's {self.prompt_len} tokens"
+            )
+        if self.prompt_len + int(self.needle_len.max()) > tokens.shape[1]:
+            raise SinkInterpError(
+                f"tokens have {tokens.shape[1]} positions but prompt ({self.prompt_len}) + answer "
+                f"({int(self.needle_len.max())}) need {self.prompt_len + int(self.needle_len.max())}"
+            )
+        for row in range(n):
+            start, length = int(self.needle_start[row]), int(self.needle_len[row])
+            needle = tokens[row, start : start + length]
+            answer = tokens[row, self.prompt_len : self.prompt_len + length]
+            if not torch.equal(needle, answer):
+                raise SinkInterpError(f"prompt {row}: the answer after the prompt is not the needle's tokens")
+
+    @property
+    def n_prompts(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def prompts(self) -> Int[Tensor, "n_prompts prompt_len"]:
+        return self.tokens[:, : self.prompt_len]
+
+    def answer_steps(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced reproduction steps as flat (row, query position, target position):
+        the query at ``prompt_len - 1 + t`` predicts answer token t, at ``prompt_len + t``."""
+        rows, steps = [], []
+        for row, length in enumerate(self.needle_len.tolist()):
+            rows += [row] * length
+            steps += range(length)
+        rows_t, steps_t = torch.tensor(rows), torch.tensor(steps)
+        return rows_t, self.prompt_len - 1 + steps_t, self.prompt_len + steps_t
+
+    def needle_ids(self, row: int) -> list[int]:
+        start = int(self.needle_start[row])
+        return self.tokens[row, start : start + int(self.needle_len[row])].tolist()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_prompts": self.n_prompts,
+            "prompt_len": self.prompt_len,
+            "needle_start": self.needle_start.tolist(),
+            "needle_len": self.needle_len.tolist(),
+            "needles": list(self.needles),
+            "depths": list(self.depths),
+            "seed": self.seed,
+            "needle_template": NEEDLE_TEMPLATE,
+            "request_template": self.request,
+            "tokens_sha256": hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest(),
+        }
+
+
+def _check_depths(depths) -> tuple[float, ...]:
+    values = (depths,) if isinstance(depths, (int, float)) else tuple(depths)
+    if not values:
+        raise SinkInterpError("depths is empty: give needle depths in [0, 1], e.g. (0.25, 0.5, 0.75)")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise SinkInterpError(f"needle depth {value!r} is outside [0, 1] (0 = start of the haystack, 1 = end)")
+    return tuple(float(v) for v in values)
+
+
+def _line_break_near(model, ids: list[int], at: int, reach: int = 24) -> int:
+    """The insertion point nearest ``at`` that follows a token ending a line (else ``at``), so
+    the needle is its own paragraph rather than a cut through a sentence."""
+    tokenizer = _tokenizer(model)
+    for distance in range(reach + 1):
+        for j in (at - distance, at + distance):
+            if 0 < j < len(ids) and tokenizer.decode([ids[j - 1]]).endswith("\n"):
+                return j
+    return at
+
+
+def needle_prompts(
+    model,
+    n_prompts: int,
+    context_len: int,
+    *,
+    depths: Sequence[float] | float = (0.25, 0.5, 0.75),
+    seed: int = 0,
+    text: str | None = None,
+    request: str = REQUEST_TEMPLATE,
+) -> NeedlePrompts:
+    """``n_prompts`` prompts of exactly ``context_len`` tokens: a window of the offline corpus
+    (at a seeded random offset) with a planted needle (a sentence with a random name, city and
+    5-digit number, :data:`NEEDLE_TEMPLATE`) at depth ``depths[r % len(depths)]`` of the haystack,
+    then a request to repeat it (``request``, with ``{name}``; :data:`REQUEST_TEMPLATE` by default);
+    each row continues with the needle.
+
+    No BOS is added (the corpus policy): position 0 is a haystack token.
+    """
+    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
+        raise SinkInterpError(f"n_prompts must be an integer >= 1, got {n_prompts!r}")
+    if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 2:
+        raise SinkInterpError(f"context_len must be an integer >= 2, got {context_len!r}")
+    depths = _check_depths(depths)
+    if text is None:
+        text = corpus_text()
+    corpus = _text_ids(model, text)
+    rng = random.Random(seed)
+    rows, starts, lengths, needles = [], [], [], []
+    for row in range(n_prompts):
+        name = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
+        needle = NEEDLE_TEMPLATE.format(name=name, city=rng.choice(_CITIES), number=rng.randint(10000, 99999))
+        needle_ids = _text_ids(model, needle)
+        request_ids = _text_ids(model, request.format(name=name))
+        separator = _text_ids(model, _SEPARATOR)
+        n_hay = context_len - len(needle_ids) - len(request_ids) - len(separator)
+        if n_hay < 1:
+            raise SinkInterpError(
+                f"needle ({len(needle_ids)} tokens) and request ({len(request_ids)} tokens) do not fit in "
+                f"context_len {context_len}: the needle is longer than the context; use context_len >= "
+                f"{context_len - n_hay + 1}"
+            )
+        if context_len + len(needle_ids) > model.cfg.n_ctx:
+            raise SinkInterpError(
+                f"context_len {context_len} plus the answer ({len(needle_ids)} tokens) exceeds the model's "
+                f"context: n_ctx = {model.cfg.n_ctx}"
+            )
+        if len(corpus) < n_hay:
+            raise SinkInterpError(f"the text has {len(corpus)} tokens, fewer than the {n_hay} a haystack needs")
+        offset = rng.randrange(len(corpus) - n_hay + 1)
+        haystack = corpus[offset : offset + n_hay]
+        at = _line_break_near(model, haystack, round(depths[row % len(depths)] * n_hay))
+        prompt = haystack[:at] + needle_ids + separator + haystack[at:] + request_ids
+        rows.append(prompt + needle_ids)
+        starts.append(at)
+        lengths.append(len(needle_ids))
+        needles.append(needle)
+    width = max(len(r) for r in rows)
+    pad = _pad_token(model)
+    tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+    return NeedlePrompts(
+        tokens=tokens,
+        prompt_len=context_len,
+        needle_start=torch.tensor(starts),
+        needle_len=torch.tensor(lengths),
+        needles=tuple(needles),
+        depths=tuple(depths[r % len(depths)] for r in range(n_prompts)),
+        seed=seed,
+        request=request,
+    )
+
+
+def _pad_token(model) -> int:
+    tokenizer = _tokenizer(model)
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -38,6 +38,7 @@ __all__ = [
     "EditMassiveChannels",
     "PatchFirstTokenResidual",
     "ConstantAttentionBias",
+    "AblateHeads",
     "fit_constant_bias",
     "intervene",
     "INTERVENTIONS",
@@ -878,6 +879,92 @@ def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_
         for p in frozen:
             p.requires_grad_(True)
     return logit.detach().cpu(), None if value is None else value.detach().cpu()
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Ablate whole heads (for validating head classes)
+
+
+def _head_pairs(model, pairs) -> list[tuple[int, int]]:
+    chosen = [tuple(pair) for pair in pairs]
+    for layer, head in chosen:
+        _layers(model, [layer])
+        _heads(model, [head])
+    return chosen
+
+
+@dataclass(frozen=True, repr=False)
+class AblateHeads(Intervention):
+    """Replace the output ``z`` of chosen (layer, head) pairs at queries i >= ``from_query`` by zero
+    (``"zero"``) or by the head's mean output over reference text (``"mean"``, from :meth:`fit`).
+
+    Mean ablation removes what a head computes from its input and keeps the constant it adds on
+    average; zeroing also removes that constant (for a sink head, mostly the sink's value), which
+    the no-op experiment shows costs loss on its own. ``from_query = 1`` leaves the first token's
+    row alone, so the sink and its massive activations still form. ``heads``: ((layer, head), ...);
+    ``value``: [len(heads)][d_head] for ``"mean"``.
+    """
+
+    heads: Any = ()
+    mode: str = "mean"
+    from_query: int = 1
+    value: NumbersLike = None
+
+    MODES: ClassVar[tuple[str, ...]] = ("zero", "mean")
+
+    def __post_init__(self):
+        _check_mode("AblateHeads", self.mode, self.MODES)
+        pairs = []
+        for pair in self.heads if isinstance(self.heads, (list, tuple)) else [self.heads]:
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
+                raise SinkInterpError(f"AblateHeads heads must be integer (layer, head) pairs, got {pair!r}")
+            pairs.append((pair[0], pair[1]))
+        if len(set(pairs)) != len(pairs):
+            raise SinkInterpError(f"AblateHeads heads {self.heads!r} repeats a head")
+        object.__setattr__(self, "heads", tuple(pairs))
+        check_int("from_query", self.from_query)
+        object.__setattr__(self, "value", _freeze(self.value))
+        if self.mode == "zero" and self.value is not None:
+            raise SinkInterpError("AblateHeads mode 'zero' takes no value")
+        if self.mode == "mean" and self.value is None and self.heads:
+            raise SinkInterpError(
+                "AblateHeads mode 'mean' needs stored means: build it with AblateHeads.fit(model, tokens, heads=...)"
+            )
+
+    @classmethod
+    def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, heads, from_query: int = 1) -> AblateHeads:
+        """Each head's ``z`` averaged over ``tokens`` at positions >= ``from_query``."""
+        pairs = _head_pairs(model, cls(heads=heads, mode="zero").heads)
+        layers = sorted({layer for layer, _ in pairs})
+        _check_seq(from_query, tokens.shape[1], "AblateHeads.fit from_query")
+        z = _capture(model, tokens, "attn.hook_z", layers, None, lambda x: x[:, from_query:].mean(dim=(0, 1)))
+        value = torch.stack([z[layers.index(layer), head] for layer, head in pairs]) if pairs else None
+        return cls(heads=pairs, mode="mean", from_query=from_query, value=value)
+
+    def hooks(self, model) -> list[Hook]:
+        pairs = _head_pairs(model, self.heads)
+        if self.value is not None:
+            _check_shape("AblateHeads value", self.value, (len(pairs), model.cfg.d_head))
+        value = None if self.value is None else _tensor(self.value)
+        by_layer: dict[int, list[int]] = {}
+        for index, (layer, _) in enumerate(pairs):
+            by_layer.setdefault(layer, []).append(index)
+        fq = self.from_query
+        hooks = []
+        for layer, indices in sorted(by_layer.items()):
+            heads = [pairs[i][1] for i in indices]
+
+            def ablate(z, hook, heads=heads, indices=indices):
+                z = z.clone()
+                if value is None:
+                    z[:, fq:, heads] = 0
+                else:
+                    z[:, fq:, heads] = value[indices].to(z)
+                return z
+
+            hooks.append((f"blocks.{layer}.attn.hook_z", ablate))
+        return hooks
 
 
 # --------------------------------------------------------------------------------------------

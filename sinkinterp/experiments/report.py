@@ -7,7 +7,6 @@ intervals and the spec's criteria; the report's text is generated from the numbe
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from collections.abc import Callable
@@ -292,9 +291,9 @@ def _figure_name(condition: str) -> str:
 
 
 def _png(figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    return buffer.getvalue()
+    from sinkinterp.views import figure_png
+
+    return figure_png(figure)
 
 
 def figures(results: dict[str, Any]) -> dict[str, bytes]:
