@@ -1,7 +1,9 @@
 """sinkinterp: find out why transformers pour attention onto their first token."""
 
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.heads import classify_heads, validate_heads
 from sinkinterp.interventions import (
+    AblateHeads,
     AblateSinkValue,
     ConstantAttentionBias,
     EditMassiveChannels,
@@ -15,6 +17,7 @@ from sinkinterp.interventions import (
 from sinkinterp.metrics import (
     SinkReport,
     find_massive_activations,
+    qk_massive_values,
     qkv_geometry,
     sink_scores,
     stable_massive_channels,
@@ -34,6 +37,7 @@ __all__ = [
     "find_massive_activations",
     "stable_massive_channels",
     "qkv_geometry",
+    "qk_massive_values",
     "value_weighted_attention",
     "ScanResult",
     "scan",
@@ -44,7 +48,10 @@ __all__ = [
     "EditMassiveChannels",
     "PatchFirstTokenResidual",
     "ConstantAttentionBias",
+    "AblateHeads",
     "fit_constant_bias",
     "intervene",
+    "classify_heads",
+    "validate_heads",
 ]
 __version__ = "0.1.0"

@@ -211,6 +211,11 @@ def _heads(args) -> int:
     from sinkinterp.heads import classify_heads, qk_by_label, validate_heads
     from sinkinterp.scan import describe_model, package_versions
 
+    from sinkinterp._batches import check_int
+
+    if args.validate:  # before the model loads and the scores run, not minutes later
+        check_int("--k", args.k, 1)
+        check_int("--n-random", args.n_random, 1)
     model, _ = _load_and_describe(args)
     print()
     table = classify_heads(
@@ -237,8 +242,11 @@ def _heads(args) -> int:
         "qk_by_label": qk.to_dict(orient="records"),
     }
     if args.validate:
+        lens = sorted(args.context_lens)
         validation = validate_heads(model, table, k=args.k, n_random=args.n_random, ablation=args.ablation,
-                                    sets=args.sets, seed=args.seed, batch_size=args.batch_size)
+                                    sets=args.sets, seed=args.seed, batch_size=args.batch_size,
+                                    n_prompts=args.validate_prompts, context_len=lens[len(lens) // 2],
+                                    n_seqs=args.n_seqs)
         print()
         print(validation)
         record["validation"] = validation.to_dict()
@@ -274,6 +282,8 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--k", type=int, default=5, help="heads per ablated set (default 5)")
     group.add_argument("--n-random", type=int, default=5, help="seeded random draws of k heads (default 5)")
     group.add_argument("--ablation", choices=("mean", "zero"), default="mean")
+    group.add_argument("--validate-prompts", type=int, default=16,
+                       help="held-out needle prompts at the median context length (default 16)")
     group.add_argument("--sets", choices=("top", "exclusive"), default="top",
                        help="top-k by score, or top-k recall among non-induction heads and vice versa")
 

@@ -479,6 +479,7 @@ def classify_heads(
     depths: Sequence[float] | float = (0.25, 0.5, 0.75),
     greedy: bool = True,
     qk: bool = True,
+    data: dict[str, Any] | None = None,
     batch_size: int = 4,
     progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -490,7 +491,9 @@ def classify_heads(
     Data (all offline and seeded by ``seed``): ``n_seqs`` repeated random sequences of
     2 x ``half_len`` tokens; ``n_seqs`` corpus windows of ``text_len`` tokens at random offsets;
     ``n_prompts`` needle prompts per context length in ``context_lens`` at needle ``depths``.
-    ``frame.attrs`` records all of it, the greedy reproduction rate and the thresholds.
+    ``data`` replaces any of them with your own: ``{"repeated": RepeatedTokens, "text": tokens,
+    "needle": NeedlePrompts or a list of them}``. ``frame.attrs`` records the data, the greedy
+    reproduction rate and the thresholds.
     """
     from sinkinterp.metrics import qk_massive_values
 
@@ -498,18 +501,27 @@ def classify_heads(
     names = _check_names(SCORERS if scorers is None else scorers, list(SCORERS), "scorer")
     for label, value in (("n_seqs", n_seqs), ("half_len", half_len), ("text_len", text_len), ("n_prompts", n_prompts)):
         check_int(label, value, 2 if label != "n_prompts" else 1)
-    lens = _check_context_lens(model, context_lens)
     kinds = {SCORERS[n].data for n in names}
-    data: dict[str, Any] = {}
+    given = dict(data or {})
+    lens = () if "needle" in given else _check_context_lens(model, context_lens)
+    unknown = sorted(set(given) - {"repeated", "text", "needle"})
+    if unknown:
+        raise SinkInterpError(f"unknown data {unknown[0]!r}: give 'repeated', 'text' or 'needle'")
+    built: dict[str, Any] = {}
     if "repeated" in kinds:
-        data["repeated"] = _repeated(model, n_seqs, half_len, seed)
-    text = _text_windows(model, n_seqs, text_len, seed) if ("text" in kinds or qk) else None
+        built["repeated"] = given.get("repeated") or _repeated(model, n_seqs, half_len, seed)
+    text = None
+    if "text" in kinds or qk:
+        text = given["text"] if "text" in given else _text_windows(model, n_seqs, text_len, seed)
     if "text" in kinds:
-        data["text"] = text
-    scores = head_scores(model, data, [n for n in names if SCORERS[n].data != "needle"],
+        built["text"] = text
+    scores = head_scores(model, built, [n for n in names if SCORERS[n].data != "needle"],
                          batch_size=batch_size, progress=progress)
     prompts: list[NeedlePrompts] = []
-    if "recall" in names or greedy:
+    if "needle" in given:
+        prompts = list(given["needle"]) if isinstance(given["needle"], (list, tuple)) else [given["needle"]]
+        lens = tuple(p.prompt_len for p in prompts)
+    elif "recall" in names or greedy:
         prompts = [needle_prompts(model, n_prompts, length, depths=depths, seed=seed + i)
                    for i, length in enumerate(lens)]
     attrs: dict[str, Any] = {}

@@ -327,3 +327,22 @@ def test_verdict_follows_the_numbers():
     bad = result([1.6, 1.7, 1.5, 1.6])  # recovers 40%
     assert good["verdict"] == "supported" and good["criteria"][0]["estimate"]["value"] == pytest.approx(0.9625)
     assert bad["verdict"] == "not supported" and bad["criteria"][0]["estimate"]["value"] == pytest.approx(0.4)
+
+
+def test_spec_can_mean_ablate_heads(tmp_path):
+    """AblateHeads in a spec: fitted on the calibration split, saved in full, and refused in a sweep."""
+    spec = ExperimentSpec.from_dict({
+        **SPEC, "metrics": ["loss"], "measurements": [], "criteria": [],
+        "conditions": [{"name": "heads", "interventions": [
+            {"type": "AblateHeads", "heads": [[0, 1], [1, 4]], "fit": {"mode": "mean"}}]}],
+    })
+    results = run_experiment(spec, tmp_path / "run", log=quiet)
+    (condition,) = results["conditions"]
+    saved = condition["interventions"][0]
+    assert saved["type"] == "AblateHeads" and saved["heads"] == [[0, 1], [1, 4]] and len(saved["value"]) == 2
+    assert condition["metrics"]["loss"]["delta"]["value"] != 0
+    swept = {**SPEC, "conditions": [{"name": "s", "sweep": "layers", "interventions": [
+        {"type": "AblateHeads", "heads": [[0, 1]], "mode": "zero"}]}]}
+    with pytest.raises(SinkInterpError, match="AblateHeads names its own heads and cannot be swept"):
+        run_experiment(ExperimentSpec.from_dict({**swept, "metrics": ["loss"], "measurements": [], "criteria": []}),
+                       tmp_path / "swept", log=quiet)

@@ -79,7 +79,11 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                 if record["type"] == "PatchFirstTokenResidual" and source not in (None, "mean", "other"):
                     resolve_token(model, source)
                 _layers(model, record.get("layers"))
-                if "heads" in record:
+                if record["type"] == "AblateHeads":
+                    from sinkinterp.interventions import _head_pairs
+
+                    _head_pairs(model, record.get("heads", ()))
+                elif "heads" in record:
                     _heads(model, record.get("heads"))
                 if record.get("channels") is not None:
                     from sinkinterp.interventions import _select
@@ -185,6 +189,10 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
         options = given("layers", "heads", "position", "from_query")
         options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value") if k in fit})
         return fit_constant_bias(model, calibration, method=fit.get("method", "moments"), seed=seed, **options)
+    if kind == "AblateHeads":
+        if fit.get("mode", "mean") != "mean":
+            raise SinkInterpError(f"AblateHeads fit mode {fit['mode']!r} is not 'mean'")
+        return cls.fit(model, calibration, **given("heads", "from_query"))
     raise SinkInterpError(f"{kind} cannot be fitted")
 
 

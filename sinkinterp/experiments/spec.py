@@ -55,6 +55,7 @@ FIT_OPTIONS: dict[str, dict[str, str]] = {
     "PatchFirstTokenResidual": {"source": "'mean', 'other' (each sequence gets another input's), or a token"},
     "ConstantAttentionBias": {"method": "'moments' or 'gradient'", "steps": "int", "lr": "float",
                               "batch_size": "int", "with_value": "bool"},
+    "AblateHeads": {"mode": "'mean' (each head's output averaged over the calibration split)"},
 }
 
 

@@ -79,6 +79,8 @@ def restrict(intervention: Intervention, model, layer: int, head: int | None = N
     """The same intervention acting on one layer (and one head) only, with its stored arrays
     sliced to match; None if it does not act on that layer / head."""
     kind = type(intervention).__name__
+    if not hasattr(intervention, "layers"):
+        raise SinkInterpError(f"{kind} names its own heads and cannot be swept by layer or head")
     layers = _layers(model, intervention.layers)
     if layer not in layers:
         return None
