@@ -249,7 +249,7 @@ def _z(model, tokens, interventions=()):
     kept = {}
 
     def keep(z, hook):
-        kept[hook.name] = z.clone()
+        kept[hook.name] = z.detach().clone()
 
     hooks = [(f"blocks.{l}.attn.hook_z", keep) for l in range(model.cfg.n_layers)]
     with intervene(model, *interventions), model.hooks(fwd_hooks=hooks):

@@ -10,6 +10,7 @@ from sinkinterp import SinkInterpError
 from sinkinterp.data import random_tokens
 from sinkinterp.interventions import (
     INTERVENTIONS,
+    AblateHeads,
     AblateSinkValue,
     ConstantAttentionBias,
     EditMassiveChannels,
@@ -59,6 +60,8 @@ def every_intervention(model, tokens):
         PatchFirstTokenResidual.fit(model, tokens[:1]),
         ConstantAttentionBias(logit=[[0.5] * 6, [1.0] * 6], from_query=4),
         fit_constant_bias(model, tokens, from_query=4),
+        AblateHeads(heads=[(0, 1), (1, 5)], mode="zero"),
+        AblateHeads.fit(model, tokens, heads=[(1, 0), (0, 2)]),
     ]
 
 
@@ -265,7 +268,7 @@ def test_every_intervention_round_trips_through_json_and_yaml(llama, tokens):
 
 
 def test_bad_records_are_refused():
-    with pytest.raises(SinkInterpError, match="unknown intervention 'MaskSink': use one of AblateSinkValue"):
+    with pytest.raises(SinkInterpError, match="unknown intervention 'MaskSink': use one of AblateHeads, AblateSinkValue"):
         Intervention.from_dict({"type": "MaskSink"})
     with pytest.raises(SinkInterpError, match="MaskSinkKey has no field 'from_qeury'"):
         Intervention.from_dict({"type": "MaskSinkKey", "from_qeury": 3})
