@@ -220,7 +220,8 @@ def _heads(args) -> int:
     print()
     table = classify_heads(
         model, seed=args.seed, thresholds=dict(args.threshold or []) or None, n_seqs=args.n_seqs,
-        context_lens=tuple(args.context_lens), n_prompts=args.n_prompts, greedy=not args.no_greedy,
+        context_lens=tuple(args.context_lens), n_prompts=args.n_prompts, depths=tuple(args.depths),
+        greedy=not args.no_greedy,
         batch_size=args.batch_size,
     )
     print(format_heads(table, everything=args.all))
@@ -269,6 +270,8 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-lens", type=int, nargs="+", default=[256, 512, 1024],
                         help="needle prompt lengths in tokens (default 256 512 1024)")
     parser.add_argument("--n-prompts", type=int, default=6, help="needle prompts per context length (default 6)")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                        help="needle depths in the haystack, 0 = start, 1 = end (default 0.25 0.5 0.75)")
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy-generation recall score")
     parser.add_argument("--threshold", type=_threshold, action="append", metavar="LABEL=VALUE",
                         help="override a label's threshold, e.g. --threshold recall=0.2 (repeatable)")

@@ -191,6 +191,10 @@ def test_scorer_registry_and_bad_input(tiny):
         top_heads(table, "recall", 4)
     with pytest.raises(SinkInterpError, match="k = 0 heads"):
         top_heads(table, "recall", 0)
+    with pytest.raises(SinkInterpError, match="k = 4 heads: there are 3 heads to choose from"):
+        validate_heads(tiny, table, k=4)
+    with pytest.raises(SinkInterpError, match="ablation 'half' is not one of 'mean', 'zero'"):
+        validate_heads(tiny, table, k=1, ablation="half")
     with pytest.raises(SinkInterpError, match="too few for a random draw of 2"):
         validate_heads(tiny, table, k=2)
     with pytest.raises(SinkInterpError, match="greedy recall decodes the model's answers and needs a tokenizer"):
