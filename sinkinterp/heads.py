@@ -532,10 +532,10 @@ def classify_heads(
         attrs["recall_by_context"] = {str(l): s.tolist() for l, s in zip(lens, per_length)}
     if greedy:
         runs = [greedy_recall(model, p, batch_size=batch_size) for p in prompts]
-        weights = torch.tensor([sum(r["reproduced"]) for r in runs], dtype=torch.float64)
-        stacked = torch.stack([r["per_prompt"][torch.tensor(r["reproduced"])].sum(dim=0).double() for r in runs])
-        total = float(weights.sum())
-        scores["recall_greedy"] = (stacked.sum(dim=0) / total).float() if total else torch.full_like(stacked[0], math.nan).float()
+        # Every reproduced prompt weighs the same, whatever its context length.
+        reproduced = torch.cat([r["per_prompt"][torch.tensor(r["reproduced"])] for r in runs])
+        total = reproduced.shape[0]
+        scores["recall_greedy"] = reproduced.mean(dim=0) if total else torch.full(reproduced.shape[1:], math.nan)
         attrs["greedy"] = {
             str(l): {k: r[k] for k in ("reproduction_rate", "exact_rate", "responses", "rouge1_recall", "exact")}
             for l, r in zip(lens, runs)
