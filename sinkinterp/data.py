@@ -26,6 +26,7 @@ __all__ = [
     "random_tokens",
     "repeated_random_tokens",
     "resolve_token",
+    "corpus_windows",
     "NeedlePrompts",
     "needle_prompts",
 ]
@@ -127,6 +128,19 @@ def corpus_tokens(
         )
     tokens = torch.tensor(ids[:needed], dtype=torch.long).reshape(n_seqs, n_text)
     return _with_first(tokens, first_id)
+
+
+def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str | None = None
+                   ) -> Int[Tensor, "n_seqs seq_len"]:
+    """``n_seqs`` windows of ``seq_len`` text tokens at seeded random offsets (may overlap; no BOS):
+    a different sample of the text for each seed, where :func:`corpus_tokens` always takes its start."""
+    _check_counts(n_seqs, seq_len, model)
+    ids = _text_ids(model, corpus_text() if text is None else text)
+    if len(ids) < seq_len:
+        raise SinkInterpError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(len(ids) - seq_len + 1) for _ in range(n_seqs)]
+    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
 
 
 _TEXT_IDS: dict[tuple[str, int, str], list[int]] = {}

@@ -35,7 +35,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp._batches import Batch, Reducer, check_int, stream
-from sinkinterp.data import NeedlePrompts, _text_ids, corpus_text, needle_prompts, repeated_random_tokens
+from sinkinterp.data import NeedlePrompts, corpus_windows, needle_prompts, repeated_random_tokens
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
@@ -495,7 +495,7 @@ def classify_heads(
     "needle": NeedlePrompts or a list of them}``. ``frame.attrs`` records the data, the greedy
     reproduction rate and the thresholds.
     """
-    from sinkinterp.metrics import qk_massive_values
+    from sinkinterp.metrics import head_frame, qk_massive_values
 
     thresholds = _check_thresholds(thresholds)
     names = _check_names(SCORERS if scorers is None else scorers, list(SCORERS), "scorer")
@@ -512,7 +512,7 @@ def classify_heads(
         built["repeated"] = given.get("repeated") or _repeated(model, n_seqs, half_len, seed)
     text = None
     if "text" in kinds or qk:
-        text = given["text"] if "text" in given else _text_windows(model, n_seqs, text_len, seed)
+        text = given["text"] if "text" in given else corpus_windows(model, n_seqs, text_len, seed=seed)
     if "text" in kinds:
         built["text"] = text
     scores = head_scores(model, built, [n for n in names if SCORERS[n].data != "needle"],
@@ -542,12 +542,8 @@ def classify_heads(
         }
         attrs["greedy_reproduction_rate"] = total / sum(p.n_prompts for p in prompts)
 
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    frame = pd.DataFrame({
-        "layer": [l for l in range(n_layers) for _ in range(n_heads)],
-        "head": [h for _ in range(n_layers) for h in range(n_heads)],
-    })
-    frame.insert(0, "name", [_head_name(l, h) for l, h in zip(frame.layer, frame["head"])])
+    frame = head_frame(model.cfg.n_layers, model.cfg.n_heads)
+    frame.insert(0, "name", [_head_name(l, h) for l, h in zip(frame["layer"], frame["head"])])
     for name, value in scores.items():
         frame[name] = value.flatten().numpy()
     if qk:
@@ -567,16 +563,6 @@ def classify_heads(
         },
     })
     return frame
-
-
-def _text_windows(model, n_seqs: int, seq_len: int, seed: int) -> Tensor:
-    """``n_seqs`` corpus windows of ``seq_len`` tokens at seeded random offsets (no BOS)."""
-    ids = _text_ids(model, corpus_text())
-    if seq_len > model.cfg.n_ctx:
-        raise SinkInterpError(f"text_len {seq_len} exceeds the model's context: n_ctx = {model.cfg.n_ctx}")
-    rng = random.Random(seed)
-    starts = [rng.randrange(len(ids) - seq_len + 1) for _ in range(n_seqs)]
-    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
 
 
 def qk_by_label(table: pd.DataFrame) -> pd.DataFrame:
@@ -809,7 +795,7 @@ def validate_heads(
     repeated = _repeated(model, n_seqs, half_len, eval_seed)
     means = None
     if ablation == "mean":
-        reference = _text_windows(model, n_reference, 128, eval_seed)
+        reference = corpus_windows(model, n_reference, 128, seed=eval_seed)
         means = AblateHeads.fit(model, reference, heads=everyone)
 
     def ablate(heads) -> list:

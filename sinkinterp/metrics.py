@@ -443,6 +443,13 @@ def stable_massive_channels(activations: pd.DataFrame, *, min_fraction: float = 
 # Query/key/value geometry
 
 
+def head_frame(n_layers: int, n_heads: int) -> pd.DataFrame:
+    """One row per head, ``layer`` and ``head`` columns, in (layer, head) order: what per-head
+    tensors ``[layers, heads]`` flatten to."""
+    return pd.DataFrame({"layer": [l for l in range(n_layers) for _ in range(n_heads)],
+                         "head": [h for _ in range(n_layers) for h in range(n_heads)]})
+
+
 def _kv_group(model) -> int:
     n_kv = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
     return model.cfg.n_heads // n_kv
@@ -469,9 +476,7 @@ class _PerHeadReducer(Reducer):
             self.sums[name][layer] += value.sum(dim=0).cpu()
 
     def frame(self) -> pd.DataFrame:
-        n_layers, n_heads = self.model.cfg.n_layers, self.model.cfg.n_heads
-        layers, heads = torch.meshgrid(torch.arange(n_layers), torch.arange(n_heads), indexing="ij")
-        frame = pd.DataFrame({"layer": layers.flatten().numpy(), "head": heads.flatten().numpy()})
+        frame = head_frame(self.model.cfg.n_layers, self.model.cfg.n_heads)
         frame["kv_head"] = frame["head"] // self.group
         for name in self.STATS:
             frame[name] = (self.sums[name] / self.n_seqs).flatten().numpy()
@@ -701,11 +706,7 @@ class QKMassiveValues:
     def per_head(self) -> pd.DataFrame:
         """One row per (layer, head): for q and k, the peak ratio, the top dimension, the number of
         massive dimensions and the share of them in the low-frequency half (NaN without any)."""
-        n_layers, n_heads = self.q_rms.shape[:2]
-        frame = pd.DataFrame({
-            "layer": [l for l in range(n_layers) for _ in range(n_heads)],
-            "head": [h for _ in range(n_layers) for h in range(n_heads)],
-        })
+        frame = head_frame(*self.q_rms.shape[:2])
         low = self.low_frequency()
         for kind in ("q", "k"):
             rms, massive = self._rms(kind), self.massive(kind)

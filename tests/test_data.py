@@ -97,3 +97,19 @@ def test_bad_requests_name_the_value():
         corpus_tokens(model, 1, 8)
     with pytest.raises(SinkInterpError, match=r"seq_len 66 exceeds"):
         repeated_random_tokens(model, 1, 33)
+
+
+def test_corpus_windows_are_seeded_slices_of_the_text(smollm2):
+    from sinkinterp.data import corpus_windows
+
+    text = corpus_text()
+    ids = smollm2.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    windows = corpus_windows(smollm2, 4, 32, seed=5)
+    assert windows.shape == (4, 32)
+    for row in windows.tolist():  # each window is a contiguous run of the tokenized text
+        starts = [i for i in range(len(ids) - 31) if ids[i] == row[0] and ids[i : i + 32] == row]
+        assert starts
+    assert torch.equal(corpus_windows(smollm2, 4, 32, seed=5), windows)
+    assert not torch.equal(corpus_windows(smollm2, 4, 32, seed=6), windows)
+    with pytest.raises(SinkInterpError, match="fewer than one window of 32"):
+        corpus_windows(smollm2, 1, 32, text="too short")
