@@ -1,6 +1,9 @@
 """sinkinterp: find out why transformers pour attention onto their first token."""
 
+from sinkinterp._batches import progress_bar as _progress_bar
 from sinkinterp.errors import SinkInterpError
+
+_progress_bar()  # the first import of tqdm.auto, quiet: Jupyter without ipywidgets would warn in every notebook
 from sinkinterp.heads import classify_heads, validate_heads
 from sinkinterp.interventions import (
     AblateHeads,

@@ -11,6 +11,8 @@ is the first token after the pads, which is where the sink sits (DESIGN.md §3.8
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -191,6 +193,15 @@ def batches(tokens: Tensor, offsets: Tensor, lengths: Tensor, attention_mask, ba
         yield Batch(tokens[rows], mask, offsets[rows], lengths[rows], start)
 
 
+def progress_bar():
+    """``tqdm.auto.tqdm``, imported quietly: in Jupyter without ipywidgets it falls back to a text
+    bar and would otherwise warn about it in every notebook."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 def stream(
     model,
     tokens: Int[Tensor, "*batch pos"],
@@ -205,8 +216,7 @@ def stream(
 
     ``progress=None`` shows a bar only when there is more than one mini-batch.
     """
-    from tqdm.auto import tqdm
-
+    tqdm = progress_bar()
     check_tokens(model, tokens)
     check_int("batch_size", batch_size, 1)
     offsets, lengths = check_mask(model, tokens, attention_mask)

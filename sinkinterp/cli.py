@@ -13,6 +13,8 @@ from sinkinterp.errors import SinkInterpError
 __all__ = ["main"]
 
 DEMO_PROMPT = "The capital of France is"
+DEMO_VIEW_TEXT = ("The capital of France is Paris. The capital of Italy is Rome. "
+                  "The capital of France is Paris.")
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -99,13 +101,36 @@ def _scan(args) -> int:
     if args.json:
         atomic_write_json(args.json, result.to_dict())
         print(f"wrote {args.json}")
+    if args.figures:
+        _write_figures(_scan_figure_set(model, args, result), args.figures)
     return 0
+
+
+def _scan_figure_set(model, args, result) -> dict:
+    """The scan's figures, plus q/k/v norms from a geometry pass over the same tokens."""
+    from sinkinterp.data import corpus_tokens
+    from sinkinterp.figures import scan_figures
+    from sinkinterp.metrics import qkv_geometry
+
+    text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")  # scan has read it
+    tokens = corpus_tokens(model, args.n_seqs, args.seq_len, text=text, first_token=_first_token(args.first_token))
+    return scan_figures(result, qkv_geometry(model, tokens, batch_size=args.batch_size))
+
+
+def _write_figures(figures: dict, directory) -> None:
+    from sinkinterp.figures import save_figures
+
+    for path in save_figures(figures, directory):
+        print(f"wrote {path}")
 
 
 def _demo(args) -> int:
     import tempfile
 
     from sinkinterp.experiments import load_spec, run_experiment
+    from sinkinterp.figures import plot_intervention_effects
+    from sinkinterp.interventions import MaskSinkKey
+    from sinkinterp.views import attention_view, compare_view
 
     # Small enough for the demo's time budget: fewer sequences and a 10-step gradient fit. Checked
     # before the model loads, so a bad override fails at once.
@@ -124,13 +149,24 @@ def _demo(args) -> int:
     )
     print(f"greedy completion of {args.prompt!r}:\n  {completion!r}")
     print()
-    _scan_and_print(model, args)
+    result = _scan_and_print(model, args)
     print()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sinkinterp-demo-"))
-    results = run_experiment(spec, out, model=model)
+    figures = _scan_figure_set(model, args, result)
+    results = run_experiment(spec, out / "experiment", model=model)
     print()
     print(format_verdicts(results))
-    print(f"\nreport: {out / 'report.md'}")
+    figures["intervention_effects"] = plot_intervention_effects(results)
+    _write_figures(figures, out / "figures")
+    layers = result.sinks.strongest_heads(1)["layer"].tolist() + [2]
+    view = attention_view(model, DEMO_VIEW_TEXT, layers=sorted(set(layers)),
+                          title="sinkinterp demo: the strongest sink head's layer and layer 2")
+    view.save_html(out / "attention.html")
+    masked = compare_view(model, DEMO_VIEW_TEXT, [MaskSinkKey(from_query=4)], layers=layers[:1], label="sink key masked",
+                          title="the strongest sink head's layer, clean vs the sink key masked")
+    masked.save_html(out / "attention_masked.html")
+    print(f"\ndemo outputs in {out}/:\n  attention.html, attention_masked.html (open in a browser, offline)\n"
+          f"  figures/*.png ({len(figures)} figures)\n  experiment/report.md, experiment/results.json")
     return 0
 
 
@@ -177,6 +213,15 @@ def _run(args) -> int:
     print()
     print(format_verdicts(results))
     print(f"\nwrote {out}/results.json, report.md and figures")
+    if args.figures:
+        from sinkinterp._io import atomic_write_bytes
+        from sinkinterp.experiments.report import figures
+        from sinkinterp.figures import plot_intervention_effects
+
+        for name, data in figures(results).items():  # the report's own figures, copied
+            print(f"wrote {atomic_write_bytes(Path(args.figures) / name, data)}")
+        if any("metrics" in c for c in results["conditions"]):
+            _write_figures({"intervention_effects": plot_intervention_effects(results)}, args.figures)
     return 0
 
 
@@ -256,10 +301,18 @@ def _heads(args) -> int:
         atomic_write_json(args.json, record)
         print(f"wrote {args.json}")
     if figure:
-        from sinkinterp.views import figure_png, plot_head_classes
+        from sinkinterp.figures import figure_png, plot_head_classes
 
         atomic_write_bytes(figure, figure_png(plot_head_classes(table)))
         print(f"wrote {figure}")
+    if args.figures:
+        from sinkinterp.figures import plot_head_classes, plot_intervention_effects
+
+        figures = {"head_classes": plot_head_classes(table)}
+        if args.validate:
+            figures["intervention_effects"] = plot_intervention_effects(
+                validation, title=f"{args.ablation}-ablating {args.k} heads per set")
+        _write_figures(figures, args.figures)
     return 0
 
 
@@ -280,6 +333,7 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="OUT", help="write the table, scores and provenance as JSON (atomically)")
     parser.add_argument("--figure", metavar="PNG", help="layers x heads map of scores and labels "
                         "(default: next to --json)")
+    _add_figures_arg(parser, "head_classes.png and, with --validate, intervention_effects.png")
     group = parser.add_argument_group("causal validation")
     group.add_argument("--validate", action="store_true", help="ablate top recall / induction / random heads")
     group.add_argument("--k", type=int, default=5, help="heads per ablated set (default 5)")
@@ -289,6 +343,56 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
                        help="held-out needle prompts at the median context length (default 16)")
     group.add_argument("--sets", choices=("top", "exclusive"), default="top",
                        help="top-k by score, or top-k recall among non-induction heads and vice versa")
+
+
+def _intervention(text: str):
+    import yaml
+
+    from sinkinterp.interventions import Intervention
+
+    try:
+        record = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"--compare takes a YAML/JSON intervention record: {e}") from None
+    try:
+        return Intervention.from_dict(record)
+    except (SinkInterpError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _view(args) -> int:
+    from sinkinterp.views import attention_view, compare_view
+
+    if not args.out.lower().endswith((".html", ".htm")):
+        raise SinkInterpError(f"--out must name an .html file, got {args.out!r}")
+    model, _ = _load_and_describe(args)
+    options = dict(layers=args.layers, heads=args.heads, hide_sink=args.hide_sink, max_tokens=args.max_tokens,
+                   title=args.title or f"sinkinterp: {args.prompt[:60]}")
+    if args.compare:
+        view = compare_view(model, args.prompt, args.compare, label=args.label, **options)
+    else:
+        view = attention_view(model, args.prompt, **options)
+    path = view.save_html(args.out)
+    print(f"\n{len(view.tokens)} tokens, {len(view.head_names)} heads: {', '.join(view.head_names[:6])}"
+          f"{' ...' if len(view.head_names) > 6 else ''}")
+    print(f"wrote {path} (self-contained; open it in a browser, no network needed)")
+    return 0
+
+
+def _view_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to look at (tokenized as is, no BOS)")
+    parser.add_argument("--layers", type=int, nargs="+", help="layers to show (default: all)")
+    parser.add_argument("--heads", type=int, nargs="+", help="heads to show in each layer (default: all)")
+    parser.add_argument("--hide-sink", action="store_true",
+                        help="drop the sink column and renormalise each row over the other keys")
+    parser.add_argument("--compare", type=_intervention, action="append", metavar="RECORD",
+                        help="show each head clean and under this intervention, e.g. "
+                             "--compare '{type: MaskSinkKey}' (repeatable: all apply together)")
+    parser.add_argument("--label", default="intervened", help="name of the intervened run in --compare views")
+    parser.add_argument("--max-tokens", type=int, default=256, help="refuse longer prompts (default 256)")
+    parser.add_argument("--title", help="page title")
+    parser.add_argument("--out", required=True, metavar="FILE.html", help="where to write the page (atomically)")
 
 
 def _info_args(parser: argparse.ArgumentParser) -> None:
@@ -315,6 +419,11 @@ def _scan_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     _add_scan_args(parser)
     parser.add_argument("--json", metavar="OUT", help="write every number, with provenance, as JSON (atomically)")
+    _add_figures_arg(parser, "first_token_share, alpha_heatmap, massive_activations and qkv_norms (.png)")
+
+
+def _add_figures_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--figures", metavar="DIR", help=f"write figures as PNG into DIR: {what}")
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -325,7 +434,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("experiment")
     group.add_argument("--experiment-seqs", type=int, default=8,
                        help="evaluation sequences of the small implicit-bias experiment (default 8)")
-    group.add_argument("--out", metavar="DIR", help="where the experiment writes (default: a new temporary folder)")
+    group.add_argument("--out", metavar="DIR", help="where the views, figures and experiment go "
+                       "(default: a new temporary folder)")
 
 
 def _run_args(parser: argparse.ArgumentParser) -> None:
@@ -338,16 +448,19 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
                         help="override any spec key, e.g. --set data.seq_len=64 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished conditions")
+    _add_figures_arg(parser, "the report's figures and intervention_effects.png")
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "info": ("print a model's architecture, BOS policy and weight provenance", _info_args, _info),
     "scan": ("measure attention sinks and massive activations on corpus text", _scan_args, _scan),
     "run": ("run a hypothesis experiment from a spec file or a built-in spec", _run_args, _run),
+    "view": ("write a self-contained HTML page of attention patterns (circuitsvis), heads named with "
+             "their sink score", _view_args, _view),
     "heads": ("score and label every head (sink, previous-token, duplicate, induction, recall), with q/k "
               "massive values and an optional causal validation", _heads_args, _heads),
-    "demo": ("the main job on the embedded model: info, a greedy completion, the scan summary and a small "
-             "implicit-bias experiment", _demo_args, _demo),
+    "demo": ("the main job on the embedded model: info, a greedy completion, the scan summary, a small "
+             "implicit-bias experiment, attention views and figures", _demo_args, _demo),
 }
 
 

@@ -857,7 +857,9 @@ def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    from tqdm.auto import tqdm
+    from sinkinterp._batches import progress_bar
+
+    tqdm = progress_bar()
 
     try:
         hooks = _bias_hooks(model, layers, heads, logit, value, True, position, from_query)

@@ -34,6 +34,8 @@ __all__ = [
     "massive_entries",
     "find_massive_activations",
     "stable_massive_channels",
+    "ResidualProfile",
+    "residual_profile",
     "qkv_geometry",
     "value_weighted_attention",
     "QKMassiveValues",
@@ -437,6 +439,98 @@ def stable_massive_channels(activations: pd.DataFrame, *, min_fraction: float = 
     summary = pd.DataFrame(rows, columns=columns)
     summary = summary[summary.fraction_of_seqs >= min_fraction]
     return summary.sort_values(["fraction_of_seqs", "max_abs"], ascending=False, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class ResidualProfile:
+    """Magnitudes of the residual stream after each block, as Sun et al. plot them.
+
+    ``top[l, j]`` is the (j+1)-th largest |x| over all positions and channels of layer l's
+    hidden state and ``median[l]`` its median |x|, each averaged over sequences; ``sink[l, c]`` is
+    |x| of channel c at the first real token (relative position 0) and ``other[l, c]`` the mean
+    |x| of channel c over the other positions, both averaged over sequences.
+    """
+
+    top: Float[Tensor, "layer k"]
+    median: Float[Tensor, " layer"]
+    sink: Float[Tensor, "layer d_model"]
+    other: Float[Tensor, "layer d_model"]
+    n_seqs: int
+
+    @property
+    def peak_layer(self) -> int:
+        """The layer whose largest |x| is largest."""
+        return int(self.top[:, 0].argmax())
+
+    def sink_channels(self, layer: int | None = None, n: int = 5) -> pd.DataFrame:
+        """The ``n`` channels with the largest |x| at the first token in ``layer`` (default: the
+        peak layer), with their mean |x| at the other positions and the ratio of the two."""
+        layer = self.peak_layer if layer is None else layer
+        if not 0 <= layer < self.sink.shape[0]:
+            raise SinkInterpError(f"layer {layer} out of range: the profile covers 0..{self.sink.shape[0] - 1}")
+        values, channels = self.sink[layer].topk(min(n, self.sink.shape[1]))
+        other = self.other[layer, channels]
+        return pd.DataFrame({"channel": channels.numpy(), "sink_abs": values.numpy(), "other_abs": other.numpy(),
+                             "ratio": (values / other.clamp(min=1e-12)).numpy()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_seqs": self.n_seqs, "top_abs": self.top.tolist(), "median_abs": self.median.tolist(),
+                "peak_layer": self.peak_layer,
+                "sink_channels": self.sink_channels().to_dict(orient="records")}
+
+
+class _ProfileReducer(Reducer):
+    def __init__(self, model, k: int):
+        self.model, self.k = model, k
+        n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+        self.top = torch.zeros(n_layers, k, dtype=torch.float64)
+        self.median = torch.zeros(n_layers, dtype=torch.float64)
+        self.sink = torch.zeros(n_layers, d_model, dtype=torch.float64)
+        self.other = torch.zeros(n_layers, d_model, dtype=torch.float64)
+        self.n_seqs = 0
+
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        self.n_seqs += batch.tokens.shape[0]
+
+    def hooks(self):
+        return [(f"blocks.{layer}.hook_resid_post", self._hook(layer)) for layer in range(self.model.cfg.n_layers)]
+
+    def _hook(self, layer: int):
+        def reduce(resid: Float[Tensor, "batch pos d_model"], hook) -> None:
+            resid = self.batch.align(resid, dims=(1,))
+            for row in range(resid.shape[0]):
+                magnitude = resid[row, : int(self.batch.lengths[row])].detach().double().abs()
+                flat = magnitude.flatten()
+                self.top[layer] += flat.topk(min(self.k, flat.numel())).values.cpu()
+                self.median[layer] += float(flat.median())
+                self.sink[layer] += magnitude[0].cpu()
+                if magnitude.shape[0] > 1:
+                    self.other[layer] += magnitude[1:].mean(dim=0).cpu()
+
+        return reduce
+
+    def profile(self) -> ResidualProfile:
+        n = max(self.n_seqs, 1)
+        return ResidualProfile(self.top / n, self.median / n, self.sink / n, self.other / n, self.n_seqs)
+
+
+def residual_profile(
+    model,
+    tokens: Int[Tensor, "*batch pos"],
+    *,
+    k: int = 3,
+    attention_mask: Tensor | None = None,
+    batch_size: int = 8,
+    progress: bool | None = None,
+) -> ResidualProfile:
+    """The ``k`` largest and the median |x| of each block's output, and the channel profile at the
+    first token against the other positions (Sun et al., Figs. 1-2): see :class:`ResidualProfile`."""
+    check_int("k", k, 1)
+    reducer = _ProfileReducer(model, k)
+    stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
+           progress=progress, description="residual profile")
+    return reducer.profile()
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,14 @@ from torch import Tensor
 
 from sinkinterp._batches import check_eps, check_tokens, stream
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.metrics import SinkReport, _massive_reducer, _SinkReducer, stable_massive_channels
+from sinkinterp.metrics import (
+    ResidualProfile,
+    SinkReport,
+    _massive_reducer,
+    _ProfileReducer,
+    _SinkReducer,
+    stable_massive_channels,
+)
 
 __all__ = ["ScanResult", "scan", "scan_corpus", "package_versions", "describe_model"]
 
@@ -53,6 +60,8 @@ class ScanResult:
     model: dict[str, Any] = field(repr=False)
     tokens: dict[str, Any] = field(default_factory=dict, repr=False)
     """How the tokens were made (n_seqs, seq_len, first_token, source), so anyone can rebuild them."""
+    profile: ResidualProfile | None = field(default=None, repr=False)
+    """Top and median |x| per layer and the channel profile at the first token (Sun et al.)."""
 
     @property
     def stable_channels(self) -> pd.DataFrame:
@@ -74,6 +83,7 @@ class ScanResult:
             "massive_activations": self.massive.to_dict(orient="records"),
             "massive_rule": {key: self.massive.attrs[key] for key in ("min_abs", "min_ratio")},
             "stable_massive_channels": self.stable_channels.to_dict(orient="records"),
+            "residual_profile": None if self.profile is None else self.profile.to_dict(),
         }
 
     def summary(self) -> str:
@@ -148,11 +158,12 @@ def scan(
     check_tokens(model, tokens)
     sinks = _SinkReducer(model, tokens.shape[1], eps, min_queries)
     massive = _massive_reducer(model, min_abs, min_ratio)
-    stream(model, tokens, [sinks, massive], attention_mask=attention_mask, batch_size=batch_size,
+    profile = _ProfileReducer(model, k=3)
+    stream(model, tokens, [sinks, massive, profile], attention_mask=attention_mask, batch_size=batch_size,
            progress=progress, description="scan")
     spec = token_spec or {"n_seqs": tokens.shape[0], "seq_len": tokens.shape[1],
                           "first_token": None, "source": "tokens passed by the caller"}
-    return ScanResult(sinks.report(eps), massive.frame(), describe_model(model), spec)
+    return ScanResult(sinks.report(eps), massive.frame(), describe_model(model), spec, profile.profile())
 
 
 def scan_corpus(

@@ -1,5 +1,6 @@
-"""Views and figures: pure functions from a model's activations or from results to objects that
-display in Jupyter (circuitsvis attention views) or to matplotlib figures (never shown or saved).
+"""Attention views: pure functions from a model's activations to objects that display in Jupyter
+(circuitsvis ``AttentionHeads``) and save as standalone pages. Matplotlib figures live in
+:mod:`sinkinterp.figures`.
 
 Saved views work offline and are safe: the circuitsvis bundle that ships with the package is
 inlined (never the CDN), and every piece of data, token text included, goes into the page as JSON
@@ -9,7 +10,6 @@ with ``<``, ``>`` and ``&`` escaped, so a token such as ``</script><img onerror=
 from __future__ import annotations
 
 import html
-import io
 import json
 import re
 from collections.abc import Sequence
@@ -18,7 +18,6 @@ from functools import lru_cache
 from pathlib import Path
 from uuid import uuid4
 
-import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -29,17 +28,16 @@ __all__ = [
     "AttentionView",
     "attention_view",
     "compare_view",
-    "plot_head_classes",
-    "figure_png",
-    "LABEL_ORDER",
     "MAX_VIEW_TOKENS",
     "MAX_VIEW_CELLS",
 ]
 
-#: Longest input an attention view draws: each head is a T x T grid of cells in the browser.
-MAX_VIEW_TOKENS = 512
-#: Most cells (heads x T x T) one view draws before the browser tab slows to a crawl.
-MAX_VIEW_CELLS = 4_000_000
+#: Longest input an attention view draws: the focused head is a T x T grid of chart cells.
+MAX_VIEW_TOKENS = 256
+#: Most cells (heads x T x T) one view draws. circuitsvis draws about 8,000 cells a second in
+#: headless Chromium on this project's 2-core machine (256 tokens, one head: 7 s; 64 heads of 64
+#: tokens: 19 s), so this keeps a page under about half a minute there instead of freezing a tab.
+MAX_VIEW_CELLS = 250_000
 
 
 @lru_cache(maxsize=1)
@@ -198,6 +196,7 @@ def attention_view(
     interventions: Sequence = (),
     max_tokens: int = MAX_VIEW_TOKENS,
     title: str = "",
+    element_id: str | None = None,
 ) -> AttentionView:
     """Attention patterns of the chosen layers and heads on one input (text, or token ids of one
     sequence), each head named with its sink score on this input (``L14H3 sink=0.82``).
@@ -218,7 +217,18 @@ def attention_view(
             panel, alpha = _head_panel(kept[layer][head], hide_sink, sink_position)
             panels.append(panel)
             names.append(f"L{layer}H{head} sink={alpha:.2f}{' (sink hidden)' if hide_sink else ''}")
-    return AttentionView(_token_strings(model, ids), torch.stack(panels), tuple(names), title)
+    return _make_view(_token_strings(model, ids), torch.stack(panels), tuple(names), title, element_id)
+
+
+def _make_view(tokens, patterns, names, title, element_id) -> AttentionView:
+    """An :class:`AttentionView`; ``element_id`` (default: a fresh random one) names the page
+    element it renders into: fix it to get byte-identical pages from identical inputs."""
+    if element_id is None:
+        return AttentionView(tokens, patterns, names, title)
+    if not isinstance(element_id, str) or not re.fullmatch(r"[A-Za-z][\w-]{0,63}", element_id):
+        raise SinkInterpError(f"element_id must be a letter then up to 63 letters, digits, '_' or '-', "
+                              f"got {element_id!r}")
+    return AttentionView(tokens, patterns, names, title, element_id)
 
 
 def compare_view(
@@ -232,6 +242,7 @@ def compare_view(
     label: str = "intervened",
     max_tokens: int = MAX_VIEW_TOKENS,
     title: str = "",
+    element_id: str | None = None,
 ) -> AttentionView:
     """Each chosen head clean and under ``interventions``, side by side (clean first)."""
     if not interventions:
@@ -244,77 +255,4 @@ def compare_view(
     for i in range(len(clean.head_names)):
         panels += [clean.patterns[i], edited.patterns[i]]
         names += [f"{clean.head_names[i]} clean", f"{edited.head_names[i]} {label}"]
-    return AttentionView(clean.tokens, torch.stack(panels), tuple(names), title)
-
-#: When a head carries several labels, the map colours it by the first of these it has.
-LABEL_ORDER = ("recall", "induction", "duplicate", "previous-token", "sink", "none")
-_LABEL_COLOURS = {"recall": "#d62728", "induction": "#1f77b4", "duplicate": "#9467bd",
-                  "previous-token": "#2ca02c", "sink": "#bdbdbd", "none": "#ffffff"}
-_SCORES = ("previous_token", "duplicate", "induction", "recall", "sink", "distance")
-
-
-def figure_png(figure, *, dpi: int = 110) -> bytes:
-    """The figure as PNG bytes (for an atomic write)."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-    return buffer.getvalue()
-
-
-def plot_head_classes(table: pd.DataFrame, *, scores=_SCORES):
-    """A layers x heads map of each score (0..1) and one of the labels, from :func:`classify_heads`.
-
-    In the label map a cell's colour is its first label in :data:`LABEL_ORDER`; its letters name
-    every non-sink label it carries (R recall, I induction, D duplicate, P previous-token), and a
-    dot marks a sink head.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    for column in ("layer", "head", "labels"):
-        if column not in table.columns:
-            raise SinkInterpError(f"the table has no {column!r} column: pass the frame classify_heads returns")
-    scores = [s for s in scores if s in table.columns]
-    n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
-    panels = len(scores) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(1.0 + 0.42 * n_heads * panels, 0.16 * n_layers + 1.8),
-                             sharey=True, squeeze=False)
-    axes = axes[0]
-
-    def grid(column):
-        return table.pivot(index="layer", columns="head", values=column).reindex(
-            index=range(n_layers), columns=range(n_heads))
-
-    for ax, score in zip(axes, scores):
-        image = ax.imshow(grid(score).to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                          origin="upper", interpolation="nearest")
-        ax.set_title(score.replace("_", " "), fontsize=9)
-        ax.set_xlabel("head")
-    fig.colorbar(image, ax=list(axes[:-1]), fraction=0.02, pad=0.01)
-
-    ax = axes[-1]
-    primary = table["labels"].map(lambda labels: next(l for l in LABEL_ORDER if l in labels or l == "none"))
-    codes = primary.map({label: i for i, label in enumerate(LABEL_ORDER)})
-    code_grid = table.assign(code=codes).pivot(index="layer", columns="head", values="code").reindex(
-        index=range(n_layers), columns=range(n_heads))
-    cmap = ListedColormap([_LABEL_COLOURS[l] for l in LABEL_ORDER])
-    ax.imshow(code_grid.to_numpy(dtype=float), cmap=cmap, vmin=-0.5, vmax=len(LABEL_ORDER) - 0.5,
-              aspect="auto", origin="upper", interpolation="nearest")
-    letters = {"recall": "R", "induction": "I", "duplicate": "D", "previous-token": "P"}
-    for row in table.itertuples():
-        text = "".join(letters[l] for l in LABEL_ORDER if l in row.labels and l in letters)
-        if "sink" in row.labels:
-            text = text or "\u00b7"
-        if text:
-            ax.text(row.head, row.layer, text, ha="center", va="center", fontsize=5)
-    ax.set_title("labels", fontsize=9)
-    ax.set_xlabel("head")
-    ax.legend(handles=[Patch(facecolor=_LABEL_COLOURS[l], edgecolor="k", label=l) for l in LABEL_ORDER],
-              loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
-    axes[0].set_ylabel("layer")
-    seed = table.attrs.get("seed")
-    fig.suptitle(f"head classes{'' if seed is None else f' (seed {seed})'}", fontsize=10)
-    return fig
+    return _make_view(clean.tokens, torch.stack(panels), tuple(names), title, element_id)

@@ -43,11 +43,70 @@ def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys, tmp_path):
     assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none)" in out
     assert "sink ratio (share of the 270 heads with alpha at k=0 > eps):  eps=0.3: 0." in out
     assert "channel 507   at first token" in out
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    results = json.loads((tmp_path / "demo" / "experiment" / "results.json").read_text())
     assert results["spec"]["name"] == "implicit-bias" and results["spec"]["data"]["n_seqs"] == 2
     verdict = results["verdicts"][0]
     assert f"implicit-bias: {verdict['verdict'].upper()}" in out
     assert sum(line.strip().startswith(("pass", "fail", "inconclusive")) for line in out.splitlines()) == 6
+    # The views and figures land in the folder the demo names at the end.
+    assert f"demo outputs in {tmp_path / 'demo'}/" in out
+    figures = sorted(p.name for p in (tmp_path / "demo" / "figures").iterdir())
+    assert figures == ["alpha_heatmap.png", "first_token_share.png", "intervention_effects.png",
+                       "massive_activations.png", "qkv_norms.png"]
+    assert all((tmp_path / "demo" / "figures" / name).read_bytes()[:8] == PNG for name in figures)
+    props = _view_props(tmp_path / "demo" / "attention_masked.html")
+    assert len(props["attentionHeadNames"]) == 18 and props["attentionHeadNames"][1].endswith("sink key masked")
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _view_props(path) -> dict:
+    import re
+
+    call = re.search(r"CircuitsVis\.AttentionHeads, (.*)\);</script>", path.read_text(encoding="utf-8"))
+    return json.loads(call.group(1))
+
+
+@pytest.mark.integration
+def test_view_writes_a_page_of_the_chosen_heads(smollm2, tmp_path, capsys):
+    page = tmp_path / "view.html"
+    prompt = "The capital of France is Paris."
+    assert main(["view", "--prompt", prompt, "--layers", "14", "--heads", "3", "4", "--out", str(page)]) == 0
+    props = _view_props(page)
+    tokens = [smollm2.tokenizer.decode([t]) for t in smollm2.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    assert props["tokens"] == tokens and len(props["attention"][0]) == len(tokens)
+    names = props["attentionHeadNames"]
+    assert [n.split()[0] for n in names] == ["L14H3", "L14H4"] and all(" sink=0." in n for n in names)
+    assert "wrote " in capsys.readouterr().out
+    compared = tmp_path / "compare.html"
+    argv = ["view", "--prompt", prompt, "--layers", "14", "--heads", "3", "--compare",
+            "{type: MaskSinkKey, from_query: 2}", "--label", "masked", "--hide-sink", "--out", str(compared)]
+    assert main(argv) == 0
+    names = _view_props(compared)["attentionHeadNames"]
+    assert len(names) == 2 and names[0].endswith("(sink hidden) clean") and names[1].endswith("masked")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--out", "view.txt"], "--out must name an .html file, got 'view.txt'"),
+        (["--layers", "30", "--out", "v.html"], "layer 30 out of range: model has 30 layers (0..29)"),
+        (["--max-tokens", "3", "--out", "v.html"], "is too many for an attention view (limit 3)"),
+    ],
+)
+def test_view_bad_input_is_a_clear_error(smollm2, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(["view", "--prompt", "The capital of France is Paris.", *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_view_refuses_a_bad_intervention_record(capsys):
+    with pytest.raises(SystemExit):
+        main(["view", "--prompt", "x", "--compare", "{type: NoSuch}", "--out", "v.html"])
+    assert "unknown intervention 'NoSuch'" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -56,8 +115,11 @@ def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, c
     from sinkinterp.metrics import sink_scores
 
     out_file = tmp_path / "scan.json"
-    argv = ["scan", "--n-seqs", "4", "--seq-len", "32", "--batch-size", "2", "--json", str(out_file)]
+    argv = ["scan", "--n-seqs", "4", "--seq-len", "32", "--batch-size", "2", "--json", str(out_file),
+            "--figures", str(tmp_path / "figures")]
     assert main(argv) == 0
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == ["alpha_heatmap.png", "first_token_share.png", "massive_activations.png", "qkv_norms.png"]
     captured = capsys.readouterr()
     assert "first-token share per layer" in captured.out and "L29" in captured.out
     assert "strongest sink heads (alpha at k=0): L" in captured.out
@@ -73,6 +135,8 @@ def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, c
     entry = record["massive_activations"][0]
     assert {"layer", "position", "channel", "value", "ratio_to_median"} <= set(entry)
     assert record["stable_massive_channels"][0]["channel"] == 507
+    profile = record["residual_profile"]
+    assert len(profile["top_abs"]) == 30 and profile["sink_channels"][0]["channel"] == 507
     # The tokens can be rebuilt from the record, and give the same numbers.
     tokens = corpus_tokens(smollm2, record["tokens"]["n_seqs"], record["tokens"]["seq_len"])
     again = sink_scores(smollm2, tokens)  # another mini-batch size: float32 rounding may differ

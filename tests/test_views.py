@@ -85,3 +85,27 @@ def test_size_limits_and_bad_input(tiny):
         attention_view(tiny, random_tokens(tiny, 1, 8), layers=[7])
     with pytest.raises(SinkInterpError, match="has no tokenizer"):
         attention_view(tiny, "some text")
+
+
+def test_snapshot_of_a_view_with_a_fixed_id(tiny):
+    """With a fixed element id the page is a pure function of its inputs: two builds are byte
+    identical, and the data carried are exactly the expected names, tokens and [head, T, T] shapes."""
+    tokens = random_tokens(tiny, 1, 6, seed=3)
+    build = lambda: attention_view(tiny, tokens, layers=[0, 1], heads=[2], element_id="view-snapshot")  # noqa: E731
+    view = build()
+    page = view.html()
+    assert page == build().html()
+    _, cache = tiny.run_with_cache(tokens)
+    alphas = [float(cache[f"blocks.{l}.attn.hook_pattern"][0, 2, :, 0].mean()) for l in (0, 1)]
+    props = _props(page)
+    assert props["attentionHeadNames"] == [f"L0H2 sink={alphas[0]:.2f}", f"L1H2 sink={alphas[1]:.2f}"]
+    assert props["tokens"] == [str(int(t)) for t in tokens[0]]
+    assert [len(props["attention"]), len(props["attention"][0]), len(props["attention"][0][0])] == [2, 6, 6]
+    assert 'id="view-snapshot"' in page and 'CircuitsVis.render("view-snapshot", ' in page
+    clean_vs_masked = compare_view(tiny, tokens, [MaskSinkKey(from_query=2)], layers=[1], heads=[0, 1],
+                                   element_id="compare-snapshot")
+    assert [n.split()[0] + " " + n.split()[-1] for n in clean_vs_masked.head_names] == [
+        "L1H0 clean", "L1H0 intervened", "L1H1 clean", "L1H1 intervened"]
+    assert clean_vs_masked.patterns.shape == (4, 6, 6) and clean_vs_masked.element_id == "compare-snapshot"
+    with pytest.raises(SinkInterpError, match="element_id must be a letter"):
+        attention_view(tiny, tokens, element_id='x" onload="alert(1)')

@@ -291,16 +291,13 @@ def _figure_name(condition: str) -> str:
 
 
 def _png(figure) -> bytes:
-    from sinkinterp.views import figure_png
+    from sinkinterp.figures import figure_png
 
     return figure_png(figure)
 
 
 def figures(results: dict[str, Any]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # no backend forced: headless, pyplot picks Agg; in Jupyter, inline stays
 
     out = {}
     plain = [c for c in results["conditions"] if "sweep" not in c]

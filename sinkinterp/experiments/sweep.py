@@ -160,7 +160,9 @@ def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int
                batch_size: int = 8, max_rows: int = 64, progress: bool = False) -> list[dict[str, Tensor]]:
     """Per-variant per-sequence metrics, starting each variant at its layer from the cached clean
     residual, with variants of one layer stacked up to ``max_rows`` rows per forward."""
-    from tqdm.auto import tqdm
+    from sinkinterp._batches import progress_bar
+
+    tqdm = progress_bar()
 
     _check_fast(model)
     starts = sorted({v.layer for v in variants})
@@ -215,7 +217,9 @@ def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int
 def naive_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
                 batch_size: int = 8, progress: bool = False) -> list[dict[str, Tensor]]:
     """The reference: one full forward per variant and mini-batch."""
-    from tqdm.auto import tqdm
+    from sinkinterp._batches import progress_bar
+
+    tqdm = progress_bar()
 
     results: list[dict[str, list[Tensor]]] = [{} for _ in variants]
     with torch.inference_mode():
