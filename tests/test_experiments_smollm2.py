@@ -25,7 +25,7 @@ def test_implicit_bias_from_the_cli(smollm2, tmp_path, capsys):
     out = tmp_path / "implicit"
     sets = [f"{k}={v}" for k, v in SMALL.items() if k != "data.n_seqs"]
     sets.append("conditions.2.interventions.0.fit.steps=3")
-    argv = ["run", "implicit-bias", "--out", str(out), "--n-seqs", "3"]
+    argv = ["run", "implicit-bias", "--out", str(out), "--n-seqs", "3", "--figures", str(tmp_path / "figures")]
     for item in sets:
         argv += ["--set", item]
     assert main(argv) == 0
@@ -45,6 +45,9 @@ def test_implicit_bias_from_the_cli(smollm2, tmp_path, capsys):
     verdict = results["verdicts"][0]["verdict"]
     assert f"### implicit-bias: **{verdict}**" in report
     assert (out / "conditions.png").stat().st_size > 1000
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())  # the report's figure and the effects
+    assert figures == ["conditions.png", "intervention_effects.png"]
+    assert (tmp_path / "figures" / "conditions.png").read_bytes() == (out / "conditions.png").read_bytes()
 
 
 def test_no_op_with_sweeps_and_measurement(smollm2, tmp_path):

@@ -74,7 +74,8 @@ def test_classify_heads_on_smollm2(small_table):
 def test_cli_heads_writes_table_figure_and_validation(tmp_path, capsys):
     out = tmp_path / "heads.json"
     code = main(["heads", "--n-seqs", "2", "--context-lens", "160", "--n-prompts", "2", "--no-greedy",
-                 "--json", str(out), "--validate", "--k", "2", "--n-random", "1", "--validate-prompts", "2"])
+                 "--json", str(out), "--validate", "--k", "2", "--n-random", "1", "--validate-prompts", "2",
+                 "--figures", str(tmp_path / "figures")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "labels: sink" in printed and "double dissociation" in printed and "induction" in printed
@@ -85,6 +86,9 @@ def test_cli_heads_writes_table_figure_and_validation(tmp_path, capsys):
     assert record["model"]["source"]["sha256"]
     png = (tmp_path / "heads.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
+    assert figures == ["head_classes.png", "intervention_effects.png"]
+    assert all((tmp_path / "figures" / name).read_bytes()[:4] == b"\x89PNG" for name in figures)
     assert main(["heads", "--k", "0", "--n-seqs", "2", "--context-lens", "160", "--n-prompts", "1", "--no-greedy",
                  "--validate"]) == 2
     assert "--k must be an integer >= 1, got 0" in capsys.readouterr().err
