@@ -155,6 +155,10 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     assert _results(cut) == _results(tmp_path / "full")
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_leaves_whole_files_and_resume_matches(tmp_path):
     """A real Ctrl-C (SIGINT) to the CLI mid-run, then `--resume`."""
     record = json.loads(json.dumps(SPEC))
@@ -172,13 +176,16 @@ def test_sigint_leaves_whole_files_and_resume_matches(tmp_path):
     command = [sys.executable, "-m", "sinkinterp", "run", str(spec_file)]
     subprocess.run(command + ["--out", str(tmp_path / "full")], check=True, capture_output=True, env=env)
 
-    # The signal must land between the first and the last condition. On a loaded machine this
-    # poller can be descheduled long enough for the run to finish first: then (exit 0 with
-    # results.json written, which a swallowed SIGINT would also give) try again, at most 3 times.
+    # The child gets SIGINT's default disposition, as a foreground process in a terminal has. A
+    # process started with SIGINT ignored (a background job of a non-interactive shell, nohup-style
+    # launchers) passes SIG_IGN on through exec, Python then installs no KeyboardInterrupt handler,
+    # and Ctrl-C could not be tested: two fresh-clone runs failed that way (all three runs finished).
+    # The signal must land between the first and the last condition; if a loaded machine lets the
+    # run finish first (exit 0 with results.json written), try again, at most 3 times.
     for attempt in range(3):
         cut = tmp_path / f"cut{attempt}"
         process = subprocess.Popen(command + ["--out", str(cut)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=env)
+                                   env=env, preexec_fn=_default_sigint)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not list((cut / "conditions").glob("*.json")) if cut.exists() else True:
             if process.poll() is not None or time.monotonic() > deadline:
