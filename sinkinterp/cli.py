@@ -75,21 +75,15 @@ def _first_token(value: str) -> str | int:
 
 
 def _scan_and_print(model, args):
-    from sinkinterp.scan import scan_corpus
+    """The scan's result and the tokens it measured (what ``scan_corpus`` does, keeping the tokens
+    for the figures' geometry pass)."""
+    from sinkinterp.scan import _corpus, scan
 
-    result = scan_corpus(
-        model,
-        text_file=args.text,
-        n_seqs=args.n_seqs,
-        seq_len=args.seq_len,
-        first_token=_first_token(args.first_token),
-        eps=tuple(args.eps),
-        batch_size=args.batch_size,
-        min_abs=args.min_abs,
-        min_ratio=args.min_ratio,
-    )
+    tokens, spec = _corpus(model, args.text, args.n_seqs, args.seq_len, _first_token(args.first_token))
+    result = scan(model, tokens, token_spec=spec, eps=tuple(args.eps), batch_size=args.batch_size,
+                  min_abs=args.min_abs, min_ratio=args.min_ratio)
     print(result.summary())
-    return result
+    return result, tokens
 
 
 def _scan(args) -> int:
@@ -97,24 +91,21 @@ def _scan(args) -> int:
 
     model, _ = _load_and_describe(args)
     print()
-    result = _scan_and_print(model, args)
+    result, tokens = _scan_and_print(model, args)
     if args.json:
         atomic_write_json(args.json, result.to_dict())
         print(f"wrote {args.json}")
     if args.figures:
-        _write_figures(_scan_figure_set(model, args, result), args.figures)
+        _write_figures(_scan_figure_set(model, tokens, result, args.batch_size), args.figures)
     return 0
 
 
-def _scan_figure_set(model, args, result) -> dict:
+def _scan_figure_set(model, tokens, result, batch_size: int) -> dict:
     """The scan's figures, plus q/k/v norms from a geometry pass over the same tokens."""
-    from sinkinterp.data import corpus_tokens
     from sinkinterp.figures import scan_figures
     from sinkinterp.metrics import qkv_geometry
 
-    text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")  # scan has read it
-    tokens = corpus_tokens(model, args.n_seqs, args.seq_len, text=text, first_token=_first_token(args.first_token))
-    return scan_figures(result, qkv_geometry(model, tokens, batch_size=args.batch_size))
+    return scan_figures(result, qkv_geometry(model, tokens, batch_size=batch_size))
 
 
 def _write_figures(figures: dict, directory) -> None:
@@ -149,10 +140,10 @@ def _demo(args) -> int:
     )
     print(f"greedy completion of {args.prompt!r}:\n  {completion!r}")
     print()
-    result = _scan_and_print(model, args)
+    result, tokens = _scan_and_print(model, args)
     print()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="sinkinterp-demo-"))
-    figures = _scan_figure_set(model, args, result)
+    figures = _scan_figure_set(model, tokens, result, args.batch_size)
     results = run_experiment(spec, out / "experiment", model=model)
     print()
     print(format_verdicts(results))
@@ -215,11 +206,10 @@ def _run(args) -> int:
     print(f"\nwrote {out}/results.json, report.md and figures")
     if args.figures:
         from sinkinterp._io import atomic_write_bytes
-        from sinkinterp.experiments.report import figures
         from sinkinterp.figures import plot_intervention_effects
 
-        for name, data in figures(results).items():  # the report's own figures, copied
-            print(f"wrote {atomic_write_bytes(Path(args.figures) / name, data)}")
+        for path in sorted(out.glob("*.png")):  # the report's own figures, as the run wrote them
+            print(f"wrote {atomic_write_bytes(Path(args.figures) / path.name, path.read_bytes())}")
         if any("metrics" in c for c in results["conditions"]):
             _write_figures({"intervention_effects": plot_intervention_effects(results)}, args.figures)
     return 0
@@ -300,15 +290,16 @@ def _heads(args) -> int:
     if args.json:
         atomic_write_json(args.json, record)
         print(f"wrote {args.json}")
-    if figure:
-        from sinkinterp.figures import figure_png, plot_head_classes
+    if not (figure or args.figures):
+        return 0
+    from sinkinterp.figures import figure_png, plot_head_classes, plot_intervention_effects
 
-        atomic_write_bytes(figure, figure_png(plot_head_classes(table)))
+    classes = plot_head_classes(table)  # drawn once for --figure and --figures
+    if figure:
+        atomic_write_bytes(figure, figure_png(classes))
         print(f"wrote {figure}")
     if args.figures:
-        from sinkinterp.figures import plot_head_classes, plot_intervention_effects
-
-        figures = {"head_classes": plot_head_classes(table)}
+        figures = {"head_classes": classes}
         if args.validate:
             figures["intervention_effects"] = plot_intervention_effects(
                 validation, title=f"{args.ablation}-ablating {args.k} heads per set")

@@ -234,7 +234,7 @@ def plot_intervention_effects(effects, *, metrics: Sequence[str] | None = None, 
         raise SinkInterpError(f"no effects for metric(s) {unknown}; available: {available}")
     conditions = list(dict.fromkeys(frame["condition"]))
     fig, axes = _subplots(1, len(metrics), figsize=(4.6 * len(metrics) + 1.5, 0.42 * len(conditions) + 1.4),
-                             sharey=True, squeeze=False)
+                          sharey=True, squeeze=False)
     y = {name: len(conditions) - 1 - i for i, name in enumerate(conditions)}
     for ax, metric in zip(axes[0], metrics):
         rows = frame[frame["metric"] == metric]
@@ -269,7 +269,7 @@ def plot_head_classes(table: pd.DataFrame, *, scores=_SCORES):
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     panels = len(scores) + 1
     fig, axes = _subplots(1, panels, figsize=(1.0 + 0.42 * n_heads * panels, 0.16 * n_layers + 1.8),
-                             sharey=True, squeeze=False)
+                          sharey=True, squeeze=False)
     axes = axes[0]
 
     def grid(column):

@@ -176,6 +176,12 @@ def scan_corpus(
     **kwargs,
 ) -> ScanResult:
     """:func:`scan` on ``corpus_tokens`` of the offline corpus or of ``text_file``."""
+    tokens, spec = _corpus(model, text_file, n_seqs, seq_len, first_token)
+    return scan(model, tokens, token_spec=spec, **kwargs)
+
+
+def _corpus(model, text_file, n_seqs: int, seq_len: int, first_token) -> tuple[Tensor, dict[str, Any]]:
+    """The tokens :func:`scan_corpus` measures, and the record of how they were made."""
     from sinkinterp.data import corpus_tokens
 
     if text_file is None:
@@ -192,5 +198,4 @@ def scan_corpus(
             raise SinkInterpError(f"text file {str(path)!r} is not UTF-8 text") from None
         source = {"source": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
     tokens = corpus_tokens(model, n_seqs, seq_len, text=text, first_token=first_token)
-    spec = {"n_seqs": n_seqs, "seq_len": seq_len, "first_token": first_token, **source}
-    return scan(model, tokens, token_spec=spec, **kwargs)
+    return tokens, {"n_seqs": n_seqs, "seq_len": seq_len, "first_token": first_token, **source}

@@ -290,20 +290,14 @@ def _figure_name(condition: str) -> str:
     return f"sweep-{_slug(condition)}.png"
 
 
-def _png(figure) -> bytes:
-    from sinkinterp.figures import figure_png
-
-    return figure_png(figure)
-
-
 def figures(results: dict[str, Any]) -> dict[str, bytes]:
-    import matplotlib.pyplot as plt  # no backend forced: headless, pyplot picks Agg; in Jupyter, inline stays
+    from sinkinterp.figures import _subplots, figure_png  # released from pyplot at once; no backend forced
 
     out = {}
     plain = [c for c in results["conditions"] if "sweep" not in c]
     panels = [m for m in ("loss", "sink_ratio") if m in results["spec"]["metrics"]]
     if plain:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(plain) + 1.6), squeeze=False)
+        fig, axes = _subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(plain) + 1.6), squeeze=False)
         for ax, metric in zip(axes[0], panels):
             names = ["clean"] + [c["name"] for c in plain]
             estimates = [results["clean"]["metrics"][metric]] + [c["metrics"][metric]["value"] for c in plain]
@@ -315,13 +309,12 @@ def figures(results: dict[str, Any]) -> dict[str, bytes]:
             ax.set_yticks(y, names)
             ax.set_xlabel(f"{_LABELS[metric]} ({results['spec']['bootstrap']['confidence']:.0%} CI)")
         fig.suptitle(results["spec"]["name"])
-        out["conditions.png"] = _png(fig)
-        plt.close(fig)
+        out["conditions.png"] = figure_png(fig)
     for c in results["conditions"]:
         if "sweep" not in c:
             continue
         variants = c["sweep"]["variants"]
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = _subplots(figsize=(7, 3.6))
         if c["sweep"]["over"] == "layers":
             layers = [v["layer"] for v in variants]
             delta = [v["loss"]["delta"] for v in variants]
@@ -341,8 +334,7 @@ def figures(results: dict[str, Any]) -> dict[str, bytes]:
             ax.set_xlabel("layer")
             ax.set_ylabel("head")
         ax.set_title(f"{results['spec']['name']}: {c['name']}")
-        out[_figure_name(c["name"])] = _png(fig)
-        plt.close(fig)
+        out[_figure_name(c["name"])] = figure_png(fig)
     return out
 
 
