@@ -23,7 +23,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default="smollm2-135m",
         help="'smollm2-135m' (embedded, offline), a .gguf path, or a TransformerLens name",
     )
-    parser.add_argument("--backend", default="hooked", choices=("hooked", "bridge"))
+    parser.add_argument("--backend", default="auto", choices=("auto", "hooked", "bridge"),
+                        help="auto (default): HookedTransformer on TransformerLens 3.x, TransformerBridge on 4.x")
 
 
 def _load_and_describe(args):
@@ -434,7 +435,7 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the built-in specs and exit")
     parser.add_argument("--out", metavar="DIR", help="results folder (default runs/<spec name>)")
     parser.add_argument("--model", help="override the spec's model")
-    parser.add_argument("--backend", choices=("hooked", "bridge"), help="override the spec's backend")
+    parser.add_argument("--backend", choices=("auto", "hooked", "bridge"), help="override the spec's backend")
     parser.add_argument("--n-seqs", type=int, help="override data.n_seqs (evaluation sequences)")
     parser.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
                         help="override any spec key, e.g. --set data.seq_len=64 (repeatable)")

@@ -35,8 +35,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp._batches import Batch, Reducer, check_int, stream
+from sinkinterp.backends import attention_windows, capabilities, final_logits, is_hooked_transformer
 from sinkinterp.data import NeedlePrompts, corpus_windows, needle_prompts, repeated_random_tokens
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.metrics import alpha_at
 
 __all__ = [
     "Scorer",
@@ -112,12 +114,14 @@ class _PatternReducer(Reducer):
         self.den = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.raw = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.n_raw = 0
+        self.window: int | None = None  # the current layer's sliding window, while its hook runs
 
     def hooks(self):
         return [(f"blocks.{layer}.attn.hook_pattern", self._hook(layer)) for layer in range(self.model.cfg.n_layers)]
 
     def _hook(self, layer: int):
         def reduce(pattern: Float[Tensor, "batch head query key"], hook) -> None:
+            self.window = attention_windows(self.model)[layer]
             num, den, raw, n_raw = self.reduce(pattern.double())
             self.num[layer] += num.cpu()
             self.den[layer] += den.cpu()
@@ -169,7 +173,7 @@ def _induction(model, data: RepeatedTokens) -> _PatternReducer:
 
 class _SinkReducer(_PatternReducer):
     def reduce(self, pattern):
-        alpha = pattern[:, :, :, 0].mean(dim=2)  # [batch head]: mean over every query i >= 0
+        alpha = alpha_at(pattern, 0, self.window)  # [batch head]: mean over the queries that see key 0
         n = pattern.shape[0]
         return alpha.sum(dim=0), torch.full_like(alpha[0], n), alpha.sum(dim=0), n
 
@@ -323,8 +327,6 @@ def _decode_steps(model, prompts: Tensor, n_steps: int, on_pattern: Callable[[in
     """Greedy tokens [batch, n_steps]; ``on_pattern(step, layer, pattern[batch, head, key])``
     sees each step's last-query attention. HookedTransformer uses its key/value cache; other
     models (TransformerBridge) recompute the whole sequence each step."""
-    from transformer_lens import HookedTransformer
-
     step = {"i": 0}
 
     def hook(layer: int):
@@ -336,7 +338,7 @@ def _decode_steps(model, prompts: Tensor, n_steps: int, on_pattern: Callable[[in
     hooks = [(f"blocks.{layer}.attn.hook_pattern", hook(layer)) for layer in range(model.cfg.n_layers)]
     out = []
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        if isinstance(model, HookedTransformer):
+        if capabilities(model).kv_cache:
             from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
             cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, prompts.shape[0])
@@ -603,9 +605,8 @@ def top_heads(table: pd.DataFrame, score: str, k: int) -> list[tuple[int, int]]:
 def _step_metrics(model, tokens: Tensor, rows: Tensor, queries: Tensor, targets: Tensor, *,
                   interventions=(), batch_size: int = 4) -> dict[str, Tensor]:
     """Per-row mean next-token loss and top-1 accuracy at the steps (row, query) predicting
-    ``tokens[row, target]``. Only those queries are unembedded."""
-    from transformer_lens import HookedTransformer
-
+    ``tokens[row, target]``. Only those queries are unembedded (where the model can stop before
+    its unembedding)."""
     from sinkinterp.interventions import intervene
 
     n = tokens.shape[0]
@@ -618,9 +619,9 @@ def _step_metrics(model, tokens: Tensor, rows: Tensor, queries: Tensor, targets:
             chosen = (rows >= start) & (rows < start + batch_size)
             r, q, t = rows[chosen], queries[chosen], targets[chosen]
             batch = tokens[start : start + batch_size].to(device)
-            if isinstance(model, HookedTransformer):
+            if is_hooked_transformer(model):
                 resid = model(batch, stop_at_layer=model.cfg.n_layers)
-                logits = model.unembed(model.ln_final(resid[(r - start).to(device), q.to(device)][None]))[0]
+                logits = final_logits(model, resid[(r - start).to(device), q.to(device)][None])[0]
             else:
                 logits = model(batch)[(r - start).to(device), q.to(device)]
             logits = logits.float()

@@ -28,6 +28,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from sinkinterp._batches import check_int, check_tokens
+from sinkinterp.backends import attention_windows, require
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
@@ -92,6 +93,18 @@ def _n_kv(model) -> int:
 
 def _group(model) -> int:
     return model.cfg.n_heads // _n_kv(model)
+
+
+def _as_kv(model, x: Tensor) -> Tensor:
+    """A ``hook_k``/``hook_v`` activation ``[..., head, d_head]`` with one entry per kv head. After
+    ``set_ungroup_grouped_query_attention(True)`` the hook holds each kv head once per query head
+    (identical copies): keep the first of each group."""
+    return x if x.shape[-2] == _n_kv(model) else x[..., :: _group(model), :]
+
+
+def _as_query_heads(x: Tensor, n_heads: int) -> Tensor:
+    """``[..., kv_head or head, d_head]`` -> one entry per query head (query head h reads kv head h // group)."""
+    return x.repeat_interleave(n_heads // x.shape[-2], dim=-2)
 
 
 def _select(label: str, chosen, n: int, unit: str) -> list[int]:
@@ -256,6 +269,7 @@ class MaskSinkKey(Intervention):
     def hooks(self, model) -> list[Hook]:
         layers, heads = _layers(model, self.layers), _heads(model, self.heads)
         _check_position(model, self.position)
+        require(model, "attn.hook_attn_scores", needed_by="MaskSinkKey")
         remove = _key_masker(heads, model.cfg.n_heads, self.position, self.from_query)
 
         def mask(scores, hook):
@@ -267,10 +281,6 @@ class MaskSinkKey(Intervention):
 
 # --------------------------------------------------------------------------------------------
 # 2. Ablate the sink's value contribution
-
-
-def _expand_kv(x: Tensor, group: int, dim: int) -> Tensor:
-    return x.repeat_interleave(group, dim=dim)
 
 
 @dataclass(frozen=True, repr=False)
@@ -315,8 +325,8 @@ class AblateSinkValue(Intervention):
         if mode == "patch" and tokens.shape[0] != 1:
             raise SinkInterpError(f"mode 'patch' takes one source sequence, got {tokens.shape[0]}")
         selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
-        values = _capture(model, tokens, "attn.hook_v", selected_layers, position)  # [layer, batch, kv, d]
-        per_head = _expand_kv(values.mean(dim=1), _group(model), dim=1)[:, selected_heads]
+        values = _as_kv(model, _capture(model, tokens, "attn.hook_v", selected_layers, position))  # [layer batch kv d]
+        per_head = _as_query_heads(values.mean(dim=1), model.cfg.n_heads)[:, selected_heads]
         return cls(layers=layers, heads=heads, position=position, mode=mode, from_query=from_query, value=per_head)
 
     def hooks(self, model) -> list[Hook]:
@@ -324,7 +334,9 @@ class AblateSinkValue(Intervention):
         _check_position(model, self.position)
         if self.value is not None:
             _check_shape("AblateSinkValue value", self.value, (len(layers), len(heads), model.cfg.d_head))
-        group, p, fq = _group(model), self.position, self.from_query
+        require(model, "reads:attn.hook_v", "reads:attn.hook_pattern", "attn.hook_z", "order",
+                needed_by="AblateSinkValue")
+        n_heads, p, fq = model.cfg.n_heads, self.position, self.from_query
         value = None if self.value is None else _tensor(self.value)
         hooks = []
         for index, layer in enumerate(layers):
@@ -338,7 +350,7 @@ class AblateSinkValue(Intervention):
                 state["a"] = pattern[:, heads, fq:, p]  # [batch heads query]
 
             def edit_z(z, hook, state=state, index=index):
-                v_sink = _expand_kv(state.pop("v"), group, dim=1)[:, heads]  # [batch heads d]
+                v_sink = _as_query_heads(state.pop("v"), n_heads)[:, heads]  # [batch heads d]
                 a = state.pop("a")
                 target = torch.zeros_like(v_sink) if value is None else value[index].to(z)[None].expand_as(v_sink)
                 delta = a[..., None] * (target - v_sink)[:, :, None, :]  # [batch heads query d]
@@ -430,6 +442,7 @@ class ReplaceSinkKey(Intervention):
             others = [j for j in range(tokens.shape[1]) if j != position]
             keys = _capture(model, tokens, "attn.hook_k", selected_layers, None, lambda k: k[:, others].mean(dim=1))
             keys = keys.mean(dim=1)  # [layer kv d]: mean over sequences of the mean over positions
+        keys = _as_kv(model, keys)
         return cls(key=keys[:, kv_heads], layers=layers, heads=heads, position=position, mode=mode)
 
     def hooks(self, model) -> list[Hook]:
@@ -437,13 +450,19 @@ class ReplaceSinkKey(Intervention):
         kv_heads = _kv_heads(model, _heads(model, self.heads), self.heads)
         _check_position(model, self.position)
         _check_shape("ReplaceSinkKey key", self.key, (len(layers), len(kv_heads), model.cfg.d_head))
-        key, p = _tensor(self.key), self.position
+        require(model, "attn.hook_k", needed_by="ReplaceSinkKey")
+        key, p, group = _tensor(self.key), self.position, _group(model)
         hooks = []
         for index, layer in enumerate(layers):
             def replace(k, hook, index=index):
                 _check_seq(p, k.shape[1], "ReplaceSinkKey")
                 k = k.clone()
-                k[:, p, kv_heads] = key[index].to(k)
+                if k.shape[2] == model.cfg.n_heads and group > 1:
+                    # Ungrouped GQA: each kv head appears once per query head of its group.
+                    members = [kv * group + g for kv in kv_heads for g in range(group)]
+                    k[:, p, members] = key[index].to(k).repeat_interleave(group, dim=0)
+                else:
+                    k[:, p, kv_heads] = key[index].to(k)
                 return k
 
             hooks.append((f"blocks.{layer}.attn.hook_k", replace))
@@ -570,6 +589,7 @@ class EditMassiveChannels(Intervention):
             )
         layers = _layers(model, self.layers)
         _select("channel", self.channels, model.cfg.d_model, "residual channels")
+        require(model, "hook_resid_post", needed_by="EditMassiveChannels")
         for position in self.positions:
             _check_position(model, position)
         if self.values is not None:
@@ -660,6 +680,7 @@ class PatchFirstTokenResidual(Intervention):
     def hooks(self, model) -> list[Hook]:
         layers = _layers(model, self.layers)
         _check_position(model, self.position)
+        require(model, f"hook_{self.hook}", needed_by=f"PatchFirstTokenResidual(hook={self.hook!r})")
         shape = _shape(self.source)
         if len(shape) != 3 or shape[0] != len(layers) or shape[2] != model.cfg.d_model:
             raise SinkInterpError(
@@ -736,14 +757,24 @@ class ConstantAttentionBias(Intervention):
 
     def hooks(self, model) -> list[Hook]:
         layers, heads, logit, value = self._tensors(model)
+        _require_slot(model, "ConstantAttentionBias")
         return _bias_hooks(model, layers, heads, logit, value, self.replace_sink, self.position, self.from_query)
+
+
+def _require_slot(model, who: str) -> None:
+    # The slot reads the real logits (for the log-sum-exp), rescales the pattern and adds to z.
+    require(model, "scores", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "order", needed_by=who)
 
 
 def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, replace_sink: bool,
                 position: int, from_query: int) -> list[Hook]:
     """Hooks of a constant slot; ``logit`` [layers heads] and ``value`` [layers heads d_head] may
-    require grad (``fit_constant_bias`` optimises them through these same hooks)."""
+    require grad (``fit_constant_bias`` optimises them through these same hooks).
+
+    In a sliding-window layer the slot acts only on the queries that can see ``position``: it
+    stands in for the sink where there is one, and queries past the window never had it."""
     n_heads, fq = model.cfg.n_heads, from_query
+    windows = attention_windows(model)
     remove = _key_masker(heads, n_heads, position, fq)
     heads = _index(heads, n_heads)
     hooks = []
@@ -757,7 +788,7 @@ def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, repla
             state["scores"] = scores
             return scores
 
-        def on_pattern(pattern, hook, state=state, index=index):
+        def on_pattern(pattern, hook, state=state, index=index, window=windows[layer]):
             # keep_i = sigmoid(LSE_i - logit), with LSE_i the log-sum-exp of row i's scores. Read
             # it off the diagonal, LSE_i = s_ii - log A_ii (the query's own key is never masked),
             # instead of a second pass over the scores; rows whose A_ii is too small for that to be
@@ -770,6 +801,9 @@ def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, repla
             if bool(tiny.any()):
                 lse = torch.where(tiny, scores.logsumexp(dim=-1), lse)
             keep = torch.sigmoid(lse - logit[index].to(lse)[None, :, None])
+            if window is not None:
+                unseen = torch.arange(fq, pattern.shape[-1], device=keep.device) - position >= window
+                keep = keep.masked_fill(unseen, 1.0)
             state["keep"] = keep
             scale = torch.ones(pattern.shape[:3], dtype=pattern.dtype, device=pattern.device)
             scale[:, heads, fq:] = keep.to(pattern.dtype)
@@ -827,19 +861,36 @@ def fit_constant_bias(
         )
     selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
     _check_seq(position, tokens.shape[1], "reference")
+    _require_slot(model, "fit_constant_bias")
     kept = _capture_all(model, tokens, selected_layers, {
         "attn.hook_attn_scores": lambda x: x[:, selected_heads, from_query:, position],  # [batch head query]
         "attn.hook_v": lambda x: x[:, position],  # [batch kv d_head]
     })
-    logit = kept["attn.hook_attn_scores"].mean(dim=(1, 3))
+    logit = _mean_sink_logit(kept["attn.hook_attn_scores"], [attention_windows(model)[l] for l in selected_layers],
+                             position, from_query)
     value = None
     if with_value:
-        value = _expand_kv(kept["attn.hook_v"].mean(dim=1), _group(model), dim=1)[:, selected_heads]
+        value = _as_query_heads(_as_kv(model, kept["attn.hook_v"]).mean(dim=1), model.cfg.n_heads)[:, selected_heads]
     if method == "gradient":
         logit, value = _fit_by_gradient(model, tokens, selected_layers, selected_heads, logit, value,
                                         position, from_query, steps, lr, batch_size, seed, progress, history)
     return ConstantAttentionBias(logit=logit, value=value, layers=layers, heads=heads, replace_sink=True,
                                  position=position, from_query=from_query, method=method)
+
+
+def _mean_sink_logit(scores: Tensor, windows: list[int | None], position: int, from_query: int) -> Tensor:
+    """[layer head]: the sink's logit averaged over sequences and the queries i >= from_query that
+    can see it. In a sliding-window layer the others hold -inf (masked); where no such query sees
+    the sink the slot never acts (it is applied to visible queries only) and its logit is 0."""
+    rows = []
+    for layer_scores, window in zip(scores, windows):  # [batch head query]
+        query = torch.arange(from_query, from_query + layer_scores.shape[-1])
+        seen = torch.ones_like(query, dtype=torch.bool) if window is None else query - position < window
+        if bool(seen.any()):
+            rows.append(layer_scores[..., seen].mean(dim=(0, 2)))
+        else:
+            rows.append(torch.zeros(layer_scores.shape[1]))
+    return torch.stack(rows)
 
 
 def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_query, steps, lr,
@@ -946,6 +997,7 @@ class AblateHeads(Intervention):
 
     def hooks(self, model) -> list[Hook]:
         pairs = _head_pairs(model, self.heads)
+        require(model, "attn.hook_z", needed_by="AblateHeads")
         if self.value is not None:
             _check_shape("AblateHeads value", self.value, (len(pairs), model.cfg.d_head))
         value = None if self.value is None else _tensor(self.value)

@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp._batches import Batch, Reducer, check_eps, check_int, check_tokens, stream
+from sinkinterp.backends import attention_windows, require, visible
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
@@ -62,11 +63,30 @@ def _check_positive(name: str, value) -> float:
     return float(value)
 
 
-def _query_weights(batch: Batch, device) -> Float[Tensor, "batch pos"]:
-    """Weights that average over a row's real queries i >= 1 (each row sums to 1)."""
+def _query_weights(batch: Batch, device, window: int | None = None) -> Float[Tensor, "batch pos"]:
+    """Weights that average over a row's real queries i >= 1 (each row sums to 1); with a sliding
+    ``window``, over the queries 1 <= i < window that can still see the first token."""
     valid = batch.valid().to(device)
     valid[:, 0] = False
-    return valid.double() / (batch.lengths.to(device) - 1).double()[:, None]
+    if window is not None:
+        valid[:, window:] = False
+    return valid.double() / valid.sum(dim=1).clamp(min=1).double()[:, None]
+
+
+def seen_counts(lengths: Tensor, n_pos: int, window: int | None) -> Int[Tensor, "batch key"]:
+    """How many real queries of each row can see key k: i in k..length-1, and i - k < window."""
+    keys = torch.arange(n_pos, device=lengths.device)
+    last = lengths[:, None] if window is None else torch.minimum(lengths[:, None], keys + window)
+    return (last - keys).clamp(min=0)
+
+
+def alpha_at(pattern: Float[Tensor, "batch head query key"], key: int, window: int | None = None
+             ) -> Float[Tensor, "batch head"]:
+    """Gu et al.'s sink score of one key on one unpadded batch: the mean of ``pattern[..., key]``
+    over the queries that can see it (i >= key, and i - key < window in a sliding-window layer)."""
+    n_pos = pattern.shape[-1]
+    count = seen_counts(torch.tensor([n_pos]), n_pos, window)[0, key].clamp(min=1)
+    return pattern[..., key].double().sum(dim=-1) / count
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,9 +98,11 @@ class SinkReport:
     """Sink scores of every head at every key position, from :func:`sink_scores`.
 
     ``alpha[l, h, k]`` is Gu et al.'s sink score: the attention that key position k receives,
-    averaged over the queries i >= k that can see it, then over sequences (positions relative
-    to each row's first real token). ``first_token_share[l]`` averages ``A[l, h, i, 0]`` over heads
-    and queries i >= 1 only, so it is not inflated by query 0 attending to itself.
+    averaged over the queries i >= k that can see it (in a sliding-window layer of window w, only
+    i < k + w), then over sequences (positions relative to each row's first real token).
+    ``first_token_share[l]`` averages ``A[l, h, i, 0]`` over heads and the queries i >= 1 that can
+    see the first token, so it is not inflated by query 0 attending to itself nor deflated by
+    queries past a sliding window.
     """
 
     alpha: Float[Tensor, "layer head pos"]
@@ -218,6 +240,7 @@ class _SinkReducer(Reducer):
     def __init__(self, model, n_pos: int, eps: tuple[float, ...], min_queries: int):
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
         self.model, self.n_pos, self.eps_min, self.min_queries = model, n_pos, min(eps), min_queries
+        self.windows = attention_windows(model)
         self.alpha_sum = torch.zeros(n_layers, n_heads, n_pos, dtype=torch.float64)
         self.share_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.n_seqs_at = torch.zeros(n_pos, dtype=torch.long)
@@ -245,11 +268,12 @@ class _SinkReducer(Reducer):
             p = batch.align(pattern, dims=(2, 3))
             lengths = batch.lengths.to(p.device)
             positions = torch.arange(self.n_pos, device=p.device)
-            # Queries that can see key k in each row: i in k..length-1 (the pattern is causal).
-            n_queries = (lengths[:, None] - positions).clamp(min=0)
+            # Queries that can see key k in each row: i in k..length-1 (the pattern is causal), and
+            # in a sliding-window layer only i < k + window; the others hold exact zeros.
+            n_queries = seen_counts(lengths, self.n_pos, self.windows[layer])
             alpha = p.sum(dim=2).double() / n_queries.clamp(min=1)[:, None, :]  # [batch head key]
             self.alpha_sum[layer] += alpha.sum(dim=0).cpu()
-            share = p[:, :, 1:, 0].sum(dim=-1).double() / (lengths - 1)[:, None]
+            share = p[:, :, 1:, 0].sum(dim=-1).double() / (n_queries[:, :1] - 1).clamp(min=1)
             self.share_sum[layer] += share.sum(dim=0).cpu()
 
             eligible = (positions >= 1) & (n_queries >= self.min_queries)  # [batch key]
@@ -280,7 +304,10 @@ class _SinkReducer(Reducer):
         self._finish_batch()
         counts = self.n_seqs_at.double()
         alpha = torch.where(counts > 0, self.alpha_sum / counts.clamp(min=1), torch.nan)
-        secondary = pd.concat(self._secondary, ignore_index=True)
+        # Typed explicitly: a mini-batch without secondary sinks contributes an untyped empty frame.
+        secondary = pd.concat(self._secondary, ignore_index=True).astype(
+            {"seq": "int64", "position": "int64", "token_id": "int64", "n_heads": "int64", "max_alpha": "float64",
+             "layer": "int64", "head": "int64", "token": str})
         return SinkReport(
             alpha=alpha,
             first_token_share_heads=self.share_sum / self.n_seqs,
@@ -549,6 +576,12 @@ def _kv_group(model) -> int:
     return model.cfg.n_heads // n_kv
 
 
+def _per_query_head(x: Tensor, n_heads: int) -> Tensor:
+    """A key/value activation [batch pos head d] with one entry per query head: grouped (one per kv
+    head, repeated) or already ungrouped (``set_ungroup_grouped_query_attention(True)``)."""
+    return x.repeat_interleave(n_heads // x.shape[2], dim=2)
+
+
 class _PerHeadReducer(Reducer):
     """Sums of per-sequence statistics per (layer, head), read out as a DataFrame of means."""
 
@@ -588,8 +621,12 @@ class _GeometryReducer(_PerHeadReducer):
 
     def __init__(self, model):
         super().__init__(model)
+        # The logits compare rotated queries and keys: read those, and refuse a model that lists the
+        # rotary hooks without firing them rather than mix unrotated angles with rotated logits.
         rotary = "blocks.0.attn.hook_rot_q" in model.hook_dict
+        require(model, "scores", *(["rotary_hooks"] if rotary else []), needed_by="qkv_geometry")
         self.q_hook, self.k_hook = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+        self.windows = attention_windows(model)
         self.stash: dict[str, Tensor] = {}
 
     def hooks(self):
@@ -610,11 +647,12 @@ class _GeometryReducer(_PerHeadReducer):
         # hook_attn_scores fires after q, k (rotated) and v of the same layer: all are stashed.
         def reduce(scores: Float[Tensor, "batch head query key"], hook) -> None:
             q = self.stash.pop("q").double()
-            k = self.stash.pop("k").double().repeat_interleave(self.group, dim=2)
-            v = self.stash.pop("v").double().repeat_interleave(self.group, dim=2)
+            k, v = (_per_query_head(self.stash.pop(name).double(), q.shape[2]) for name in ("k", "v"))
             scores = self.batch.align(scores, dims=(2, 3)).double()
             n_pos = q.shape[1]
+            window = self.windows[layer]
             weights = _query_weights(self.batch, q.device)  # mean over positions 1..len-1
+            seeing = _query_weights(self.batch, q.device, window)  # ... that can see the sink
             q_norm, k_norm, v_norm = (x.norm(dim=-1) for x in (q, k, v))  # [batch pos head]
             stats = {
                 "q_norm": torch.einsum("bph,bp->bh", q_norm, weights),
@@ -626,12 +664,13 @@ class _GeometryReducer(_PerHeadReducer):
             cos = torch.einsum(
                 "bihd,bjhd->bhij", q / q_norm.clamp(min=1e-12)[..., None], k / k_norm.clamp(min=1e-12)[..., None]
             )
-            stats["cos_q_k_sink"] = torch.einsum("bhi,bi->bh", cos[..., 0], weights)
-            stats["logit_sink"] = torch.einsum("bhi,bi->bh", scores[..., 0], weights)
-            # Pairs 1 <= j <= i < length: every non-sink key a query can see.
+            stats["cos_q_k_sink"] = torch.einsum("bhi,bi->bh", cos[..., 0], seeing)
+            # Masked (unseen) entries hold -inf: zero them before weighting (their weight is 0).
+            stats["logit_sink"] = torch.einsum("bhi,bi->bh", scores[..., 0].masked_fill(seeing[:, None] == 0, 0), seeing)
+            # Pairs 1 <= j <= i < length that the query can see: every non-sink key it attends over.
             positions = torch.arange(n_pos, device=q.device)
             valid = self.batch.valid().to(q.device)
-            pairs = (positions[None, :] <= positions[:, None]) & (positions[None, :] >= 1)
+            pairs = visible(n_pos, window, q.device) & (positions[None, :] >= 1)
             pairs = pairs[None] & valid[:, :, None] & valid[:, None, :]  # [batch i j]
             n_pairs = pairs.sum(dim=(1, 2)).double()[:, None]
             pairs = pairs[:, None]
@@ -673,6 +712,7 @@ class _ValueWeightedReducer(_PerHeadReducer):
         super().__init__(model)
         # Per-layer W_O [head d_head d_model], read once (TransformerBridge exposes it per block too).
         self.W_O = [model.blocks[layer].attn.W_O.detach() for layer in range(model.cfg.n_layers)]
+        self.windows = attention_windows(model)
         self.value_norm: Tensor | None = None
 
     def hooks(self):
@@ -684,7 +724,7 @@ class _ValueWeightedReducer(_PerHeadReducer):
 
     def _values(self, layer: int):
         def keep(v: Float[Tensor, "batch pos kv_head d_head"], hook) -> None:
-            v = self.batch.align(v, dims=(1,)).repeat_interleave(self.group, dim=2)
+            v = _per_query_head(self.batch.align(v, dims=(1,)), self.model.cfg.n_heads)
             out = torch.einsum("bphd,hdm->bphm", v, self.W_O[layer].to(v.dtype))
             self.value_norm = out.norm(dim=-1).double().transpose(1, 2)  # [batch head pos]
 
@@ -695,12 +735,13 @@ class _ValueWeightedReducer(_PerHeadReducer):
             f, self.value_norm = self.value_norm, None
             a = self.batch.align(pattern, dims=(2, 3)).double()
             weights = _query_weights(self.batch, a.device)
+            seeing = _query_weights(self.batch, a.device, self.windows[layer])  # queries that see the sink
             # ||A[i,j] v_j W_O|| = A[i,j] ||v_j W_O|| since A[i,j] >= 0.
             total = torch.einsum("bhij,bhj->bhi", a, f)
             sink = a[..., 0] * f[..., :1]
             stats = {
-                "attn_sink_share": torch.einsum("bhi,bi->bh", a[..., 0], weights),
-                "norm_sink_share": torch.einsum("bhi,bi->bh", sink / total.clamp(min=1e-30), weights),
+                "attn_sink_share": torch.einsum("bhi,bi->bh", a[..., 0], seeing),
+                "norm_sink_share": torch.einsum("bhi,bi->bh", sink / total.clamp(min=1e-30), seeing),
                 "value_out_norm_sink": f[..., 0],
                 "value_out_norm_other": torch.einsum("bhj,bj->bh", f, weights),
             }
@@ -865,6 +906,8 @@ class _QKReducer(Reducer):
 
         def reduce(x: Float[Tensor, "batch pos head d_head"], hook) -> None:
             x = self.batch.align(x, dims=[1]).double()
+            if x.shape[2] != target.shape[1]:  # ungrouped keys: one identical copy per query head
+                x = x[:, :, :: x.shape[2] // target.shape[1]]
             weight = self.valid.to(x.device).double()[:, :, None, None]
             target[layer] += (x.pow(2) * weight).sum(dim=(0, 1)).cpu()
 
@@ -887,6 +930,8 @@ def qk_massive_values(
     ratio = _check_positive("ratio", ratio)
     if rotated and "blocks.0.attn.hook_rot_q" not in model.hook_dict:
         raise SinkInterpError("rotated=True needs a rotary model (hook_rot_q); this model has none")
+    if rotated:
+        require(model, "rotary_hooks", needed_by="qk_massive_values(rotated=True)")
     reducer = _QKReducer(model, rotated)
     stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
            progress=progress, description="q/k massive values")

@@ -22,7 +22,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sinkinterp.backends import attention_windows
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.metrics import alpha_at
 
 __all__ = [
     "AttentionView",
@@ -173,10 +175,11 @@ def _check_size(n_tokens: int, n_heads: int, max_tokens: int) -> None:
         )
 
 
-def _head_panel(pattern: Tensor, hide_sink: bool, sink: int) -> tuple[Tensor, float]:
+def _head_panel(pattern: Tensor, hide_sink: bool, sink: int, window: int | None = None) -> tuple[Tensor, float]:
     """One head's [query, key] pattern, optionally with the sink column removed and the rest of
-    each row renormalised; and its sink score on this input, mean_i A[i, sink] over i >= sink."""
-    alpha = float(pattern[sink:, sink].mean())
+    each row renormalised; and its sink score on this input, mean A[i, sink] over the queries that
+    see the sink (i >= sink, and i - sink < window in a sliding-window layer)."""
+    alpha = float(alpha_at(pattern[None, None], sink, window)[0, 0])
     if not hide_sink:
         return pattern, alpha
     rest = pattern.clone()
@@ -211,10 +214,11 @@ def attention_view(
     if not 0 <= sink_position < ids.shape[1]:
         raise SinkInterpError(f"sink_position {sink_position} is outside this input's {ids.shape[1]} tokens")
     kept = _patterns(model, ids, chosen_layers, interventions)
+    windows = attention_windows(model)
     panels, names = [], []
     for layer in chosen_layers:
         for head in chosen_heads:
-            panel, alpha = _head_panel(kept[layer][head], hide_sink, sink_position)
+            panel, alpha = _head_panel(kept[layer][head], hide_sink, sink_position, windows[layer])
             panels.append(panel)
             names.append(f"L{layer}H{head} sink={alpha:.2f}{' (sink hidden)' if hide_sink else ''}")
     return _make_view(_token_strings(model, ids), torch.stack(panels), tuple(names), title, element_id)

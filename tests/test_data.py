@@ -93,7 +93,7 @@ def test_bad_requests_name_the_value():
         random_tokens(model, 1, 1, first_token=3)
     with pytest.raises(SinkInterpError, match=r"token id 67 out of range: vocabulary is 0..66"):
         resolve_token(model, 67)
-    with pytest.raises(SinkInterpError, match=r"HookedTransformer has no tokenizer, so it cannot tokenize text"):
+    with pytest.raises(SinkInterpError, match=r"(HookedTransformer|TransformerBridge) has no tokenizer, so it cannot tokenize text"):
         corpus_tokens(model, 1, 8)
     with pytest.raises(SinkInterpError, match=r"seq_len 66 exceeds"):
         repeated_random_tokens(model, 1, 33)

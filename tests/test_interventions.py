@@ -43,7 +43,8 @@ def n_hooks(model) -> int:
 def run(model, tokens, *interventions, names=()):
     """Logits and the named activations, read after every intervention hook has run."""
     seen = {}
-    capture = [(name, lambda x, hook: seen.__setitem__(hook.name, x.detach().clone())) for name in names]
+    # Bound per name: a bridge reports an aliased hook (hook_resid_post) under its own name.
+    capture = [(name, lambda x, hook, name=name: seen.__setitem__(name, x.detach().clone())) for name in names]
     with intervene(model, *interventions), model.hooks(fwd_hooks=capture):
         logits = model(tokens)
     return logits, seen

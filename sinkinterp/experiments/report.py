@@ -224,7 +224,8 @@ def format_report(results: dict[str, Any]) -> str:
     lines += [
         "## Setup", "",
         f"- model: `{model.get('model')}`, weights sha256 `{prov.get('weights_sha256') or '-'}`, "
-        f"backend `{spec['backend']}`",
+        f"backend `{model.get('backend') or spec['backend']}` (asked: `{spec['backend']}`), "
+        f"TransformerLens {model.get('source', {}).get('transformer_lens', '?')}",
         f"- data: {prov['data'].get('corpus') or data['source']}: {data['n_calibration']} calibration + "
         f"{data['n_seqs']} evaluation sequences of {data['seq_len']} tokens; first token policy "
         f"`{data['first_token']}`",

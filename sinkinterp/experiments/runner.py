@@ -23,9 +23,11 @@ import torch
 from torch import Tensor
 
 from sinkinterp._io import atomic_write_json
+from sinkinterp.backends import attention_windows
+from sinkinterp.metrics import alpha_at
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
-from sinkinterp.experiments.sweep import fast_sweep, log_probs, naive_sweep, sweep_variants, token_metrics
+from sinkinterp.experiments.sweep import fast_sweep, log_probs, sweep_variants, token_metrics
 from sinkinterp.interventions import (
     INTERVENTIONS,
     Intervention,
@@ -224,9 +226,11 @@ class _Evaluator:
 
     def _alpha_hooks(self, kept: dict[int, Tensor]):
         """Hooks that keep alpha at k = 0 ([batch head]) per layer, read after the interventions."""
+        windows = attention_windows(self.model)
+
         def keeper(layer: int):
             def keep(pattern, hook):
-                kept[layer] = pattern[..., 0].double().mean(dim=-1).cpu()
+                kept[layer] = alpha_at(pattern, 0, windows[layer]).cpu()
             return keep
 
         return [(f"blocks.{l}.attn.hook_pattern", keeper(l)) for l in range(self.model.cfg.n_layers)]
@@ -263,18 +267,13 @@ class _Evaluator:
         return result
 
     def sweep(self, interventions: list, kind: str, progress: bool) -> tuple[list, list[dict[str, Tensor]]]:
-        from transformer_lens import HookedTransformer
-
         if any(hasattr(iv, "build") for iv in interventions):
             raise SinkInterpError("a sweep cannot use per-sequence patch sources (fit source 'other')")
         variants = sweep_variants(self.model, interventions, kind)
         metrics = ("loss",)  # a sweep reports the per-layer (per-head) loss effect
         options = dict(loss_from=self.spec.loss_from, metrics=metrics, batch_size=self.spec.data.batch_size,
                        progress=progress)
-        if isinstance(self.model, HookedTransformer):
-            results = fast_sweep(self.model, self.tokens, variants, max_rows=self.spec.sweep_rows, **options)
-        else:  # TransformerBridge has no start_at_layer: one full forward per variant
-            results = naive_sweep(self.model, self.tokens, variants, **options)
+        results = fast_sweep(self.model, self.tokens, variants, max_rows=self.spec.sweep_rows, **options)
         return variants, results
 
 

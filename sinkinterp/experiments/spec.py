@@ -111,7 +111,7 @@ class ExperimentSpec:
     name: str
     description: str = ""
     model: str = "smollm2-135m"
-    backend: str = "hooked"
+    backend: str = "auto"
     seed: int = 0
     data: DataSpec = field(default_factory=DataSpec)
     loss_from: int = 16  # metrics use query positions i >= loss_from (predicting token i + 1)
@@ -240,8 +240,8 @@ def _validate(spec: ExperimentSpec) -> None:
     data = spec.data
     if not spec.name:
         _fail("spec.name", "must not be empty")
-    if spec.backend not in ("hooked", "bridge"):
-        _fail("spec.backend", f"{spec.backend!r} is not one of 'hooked', 'bridge'")
+    if spec.backend not in ("auto", "hooked", "bridge"):
+        _fail("spec.backend", f"{spec.backend!r} is not one of 'auto', 'hooked', 'bridge'")
     if data.source not in DATA_SOURCES and not Path(data.source).is_file():
         _fail("spec.data.source", f"{data.source!r} is neither one of {DATA_SOURCES} nor an existing text file")
     _at_least("spec.data.seq_len", data.seq_len, 2)

@@ -2,9 +2,12 @@
 
 An intervention at layer l leaves layers < l unchanged, so a sweep variant does not need a full
 forward: the clean run's ``blocks.{l}.hook_resid_pre`` is cached once per mini-batch and every
-variant at layer l starts there (TransformerLens ``start_at_layer``). Variants that start at the
-same layer are stacked along the batch dimension (each variant's hooks act on its own rows) and
-share one forward. :func:`naive_sweep` is the reference: one full forward per variant.
+variant at layer l starts there (TransformerLens ``start_at_layer``, with a shortformer's
+positional embedding passed along), where the model can resume without rerunning the earlier
+layers (HookedTransformer; TransformerLens 4's bridge accepts ``start_at_layer`` but reruns them,
+and 3.9's refuses it: those start every variant from the tokens). Either way, variants at the same
+layer are stacked along the batch dimension (each variant's hooks act on its own rows) and share
+one forward. :func:`naive_sweep` is the reference: one full forward per variant.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from sinkinterp.backends import capabilities, final_logits, resume
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions import Intervention, _heads, _layers, intervene
 
@@ -142,36 +146,24 @@ def _stacked(hook_lists: list[list[Hook]], rows: int) -> list[Hook]:
     return [(name, make(entries)) for name, entries in by_name.items()]
 
 
-def _logits_at(model, residual: Tensor, loss_from: int) -> Tensor:
-    """Unembed the final residual at the scored queries only."""
-    return model.unembed(model.ln_final(residual[:, loss_from:-1]))
-
-
-def _check_fast(model) -> None:
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
-        raise SinkInterpError(
-            f"fast sweeps need a HookedTransformer (start_at_layer); got {type(model).__name__}: use naive_sweep"
-        )
-
-
 def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
                batch_size: int = 8, max_rows: int = 64, progress: bool = False) -> list[dict[str, Tensor]]:
     """Per-variant per-sequence metrics, starting each variant at its layer from the cached clean
-    residual, with variants of one layer stacked up to ``max_rows`` rows per forward."""
+    residual where the model can resume there (else from the tokens), with variants of one layer
+    stacked up to ``max_rows`` rows per forward."""
     from sinkinterp._batches import progress_bar
 
     tqdm = progress_bar()
-
-    _check_fast(model)
+    resumable = capabilities(model).start_at_layer_skips_earlier_layers
     starts = sorted({v.layer for v in variants})
     results: list[dict[str, list[Tensor]]] = [{} for _ in variants]
     bar = tqdm(total=len(variants) * -(-tokens.shape[0] // batch_size), desc="sweep", unit="variant",
                disable=not progress, leave=False)
+    n_scored = tokens.shape[1] - 1 - loss_from
     with torch.inference_mode():
         for begin in range(0, tokens.shape[0], batch_size):
             batch = tokens[begin:begin + batch_size]
+            rows = batch.shape[0]
             cached: dict[int, Tensor] = {}
 
             def keeper(layer: int):
@@ -179,31 +171,36 @@ def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int
                     cached[layer] = x.clone()
                 return keep
 
-            keepers = [(f"blocks.{l}.hook_resid_pre", keeper(l)) for l in starts]
+            keepers = [(f"blocks.{l}.hook_resid_pre", keeper(l)) for l in starts] if resumable else []
             clean_lp = None
             if "kl" in metrics:
                 logits = model.run_with_hooks(batch, return_type="logits", fwd_hooks=keepers)
                 clean_lp = log_probs(logits[:, loss_from:-1])
                 del logits
-            else:  # only the cached residuals are needed: stop after the last start layer, no unembedding
+            elif resumable:  # only the cached residuals are needed: stop after the last start layer
                 model.run_with_hooks(batch, fwd_hooks=keepers, stop_at_layer=starts[-1] + 1)
-            rows = batch.shape[0]
-            per_forward = max(1, max_rows // rows)
+            # A larger unembedding GEMM is ~2x faster per row here, so several variants share one;
+            # each logits tensor stays under UNEMBED_BYTES (a resumed model unembeds the scored
+            # queries only, the others every position).
+            per_variant = rows * (n_scored if resumable else batch.shape[1]) * model.cfg.d_vocab * 4
+            step = max(1, UNEMBED_BYTES // per_variant)
+            per_forward = max(1, max_rows // rows) if resumable else max(1, min(max_rows // rows, step))
             for layer in starts:
                 group = [i for i, v in enumerate(variants) if v.layer == layer]
                 for chunk_start in range(0, len(group), per_forward):
                     chunk = group[chunk_start:chunk_start + per_forward]
                     hook_lists = [[h for iv in variants[i].interventions for h in iv.hooks(model)] for i in chunk]
-                    residual = cached[layer].repeat(len(chunk), 1, 1)
                     with model.hooks(fwd_hooks=_stacked(hook_lists, rows)):
-                        final = model(residual, start_at_layer=layer, stop_at_layer=model.cfg.n_layers)
-                    # Unembed several variants per matmul (a larger GEMM is ~2x faster per row
-                    # here), keeping each logits tensor under UNEMBED_BYTES.
-                    size = rows * (batch.shape[1] - 1 - loss_from) * model.cfg.d_vocab * 4
-                    step = max(1, UNEMBED_BYTES // size)
+                        if resumable:
+                            final = resume(model, cached[layer].repeat(len(chunk), 1, 1), layer, tokens=batch,
+                                           stop_at_layer=model.cfg.n_layers)
+                        else:
+                            everything = model(batch.repeat(len(chunk), 1))[:, loss_from:-1]
                     for first in range(0, len(chunk), step):
                         ids = chunk[first:first + step]
-                        logits = _logits_at(model, final[first * rows:(first + len(ids)) * rows], loss_from)
+                        part_rows = slice(first * rows, (first + len(ids)) * rows)
+                        logits = (final_logits(model, final[part_rows, loss_from:-1]) if resumable
+                                  else everything[part_rows])
                         for k, i in enumerate(ids):
                             part = logits[k * rows:(k + 1) * rows]
                             for name, value in token_metrics(part, batch, loss_from, metrics, clean_lp).items():
