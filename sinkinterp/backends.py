@@ -193,6 +193,13 @@ def capabilities(model, *, refresh: bool = False) -> Capabilities:
 
 
 def _probe(model) -> Capabilities:
+    # The probe edits hook points on purpose; TransformerLens 4 warns when an edit is discarded.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _probe_quietly(model)
+
+
+def _probe_quietly(model) -> Capabilities:
     n_layers = model.cfg.n_layers
     tokens = _probe_tokens(model)
     names = {f"blocks.{layer}.{suffix}": (layer, suffix) for layer in range(n_layers) for suffix in _PROBED
@@ -417,13 +424,13 @@ def attention_windows(model) -> tuple[int | None, ...]:
         hf = getattr(hf, "text_config", None) or hf
         types = getattr(hf, "layer_types", None) or getattr(hf, "attention_layers", None)
         window = getattr(hf, "sliding_window", None) or getattr(hf, "window_size", None)
-        if window and types:
-            windows = [int(window) if t in ("sliding_attention", "local") else None for t in types]
-        elif window and getattr(hf, "model_type", "") == "gemma2":
-            windows = [int(window) if layer % 2 == 0 else None for layer in range(n_layers)]
-        elif window and getattr(hf, "model_type", "") in ("mistral", "mixtral", "qwen2", "qwen3") \
-                and getattr(hf, "use_sliding_window", True):
-            windows = [int(window)] * n_layers
+        if window and getattr(hf, "use_sliding_window", True) is not False:
+            if types:
+                windows = [int(window) if t in ("sliding_attention", "local") else None for t in types]
+            elif getattr(hf, "model_type", "") == "gemma2":  # alternating, local first
+                windows = [int(window) if layer % 2 == 0 else None for layer in range(n_layers)]
+            else:  # Mistral, Mixtral, Phi-3: one window for every layer
+                windows = [int(window)] * n_layers
     else:
         cfg = model.cfg
         types = getattr(cfg, "attn_types", None)

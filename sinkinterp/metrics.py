@@ -115,6 +115,10 @@ class SinkReport:
     secondary_sinks: pd.DataFrame = field(repr=False)
     """Per sequence: positions k > 0 whose alpha in that sequence exceeds ``min(eps)`` in some head."""
     min_queries: int = 8
+    learned_sink_share: Float[Tensor, "layer head"] | None = None
+    """Mean over queries i >= 1 of ``1 - sum_j A[i, j]``: attention that goes to no token. A learned
+    sink logit (gpt-oss) takes part in the softmax but has no key, so its share never appears in
+    ``hook_pattern`` (nor in alpha); it is ~0 (rounding) for ordinary softmax attention."""
 
     @property
     def n_layers(self) -> int:
@@ -208,6 +212,7 @@ class SinkReport:
             "sink_ratio": {str(eps): value for eps, value in self.sink_ratio.items()},
             "first_token_share": self.first_token_share.tolist(),
             "first_token_share_heads": self.first_token_share_heads.tolist(),
+            "learned_sink_share": None if self.learned_sink_share is None else self.learned_sink_share.mean(dim=1).tolist(),
             "secondary_sinks": {
                 "eps": min(self.eps),
                 "min_queries": self.min_queries,
@@ -243,6 +248,7 @@ class _SinkReducer(Reducer):
         self.windows = attention_windows(model)
         self.alpha_sum = torch.zeros(n_layers, n_heads, n_pos, dtype=torch.float64)
         self.share_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+        self.missing_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.n_seqs_at = torch.zeros(n_pos, dtype=torch.long)
         self.n_seqs = 0
         self._secondary: list[pd.DataFrame] = []
@@ -275,6 +281,9 @@ class _SinkReducer(Reducer):
             self.alpha_sum[layer] += alpha.sum(dim=0).cpu()
             share = p[:, :, 1:, 0].sum(dim=-1).double() / (n_queries[:, :1] - 1).clamp(min=1)
             self.share_sum[layer] += share.sum(dim=0).cpu()
+            real = batch.valid().to(p.device)[:, None, 1:]  # [batch 1 query]: real queries i >= 1
+            missing = ((1 - p[:, :, 1:].double().sum(dim=-1)) * real).sum(dim=-1) / real.sum(dim=-1).clamp(min=1)
+            self.missing_sum[layer] += missing.sum(dim=0).cpu()
 
             eligible = (positions >= 1) & (n_queries >= self.min_queries)  # [batch key]
             self.n_above += ((alpha > self.eps_min) & eligible[:, None, :]).sum(dim=1).cpu()
@@ -317,6 +326,7 @@ class _SinkReducer(Reducer):
             n_seqs_at=self.n_seqs_at,
             secondary_sinks=secondary,
             min_queries=self.min_queries,
+            learned_sink_share=self.missing_sum / self.n_seqs,
         )
 
 

@@ -47,7 +47,7 @@ __all__ = [
 EMBEDDED_MODEL = "smollm2-135m"
 
 # Bump when the conversion changes what is written to the cache; old entries are then ignored.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 _CACHE_FORMAT = 1
 _MANIFEST = "sinkinterp-manifest.json"
 # The folded HookedTransformer weights depend on the TransformerLens release that folded them.
@@ -405,6 +405,8 @@ def _build_cache(paths: list[Path], sha256: str, cache_dir: Path) -> None:
         config = hf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
+        # A GGUF-read config names no architecture; TransformerBridge picks its adapter by it.
+        config.architectures = [type(hf_model).__name__]
         config.save_pretrained(tmp)
         state_dict = hf_model.state_dict()
         if getattr(config, "tie_word_embeddings", False):
@@ -664,8 +666,7 @@ def _cast(model, *, device, dtype: torch.dtype):
             model = model.to(dtype, print_details=False)
         model = model.to(device, print_details=False)
     else:
-        model = model.to(device=device, dtype=dtype)
-        model.cfg.dtype = dtype
+        model = model.to(device=device, dtype=dtype, print_details=False)
     model.eval()
     return model
 
