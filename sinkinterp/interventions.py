@@ -185,6 +185,19 @@ class Intervention:
         super().__init_subclass__(**kwargs)
         INTERVENTIONS[cls.__name__] = cls
 
+    #: What the model's hook points must do for this intervention (see ``backends.require``).
+    NEEDS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def needs(cls, fields: dict[str, Any]) -> tuple[str, ...]:
+        """The capabilities an intervention with these fields needs (a record or ``vars(self)``)."""
+        return cls.NEEDS
+
+    @classmethod
+    def check_model(cls, model, fields: dict[str, Any], *, where: str | None = None) -> None:
+        """Refuse, before any forward pass, a model whose hook points cannot carry this intervention."""
+        require(model, *cls.needs(fields), needed_by=where or cls.__name__)
+
     def hooks(self, model) -> list[Hook]:
         raise NotImplementedError
 
@@ -256,6 +269,8 @@ class MaskSinkKey(Intervention):
     over the other keys). Rows i < from_query keep the sink, so position 1 does not turn into a
     new sink (DESIGN.md §3.1)."""
 
+    NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_attn_scores",)
+
     layers: IntsLike = None
     heads: IntsLike = None
     position: int = 0
@@ -269,7 +284,7 @@ class MaskSinkKey(Intervention):
     def hooks(self, model) -> list[Hook]:
         layers, heads = _layers(model, self.layers), _heads(model, self.heads)
         _check_position(model, self.position)
-        require(model, "attn.hook_attn_scores", needed_by="MaskSinkKey")
+        self.check_model(model, vars(self))
         remove = _key_masker(heads, model.cfg.n_heads, self.position, self.from_query)
 
         def mask(scores, hook):
@@ -292,6 +307,8 @@ class AblateSinkValue(Intervention):
     (zeroing ``hook_v`` would change them: DESIGN.md §3.2). ``value`` holds the replacement per
     selected layer and head ([layers][heads][d_head]), from :meth:`fit`.
     """
+
+    NEEDS: ClassVar[tuple[str, ...]] = ("reads:attn.hook_v", "reads:attn.hook_pattern", "attn.hook_z", "order")
 
     layers: IntsLike = None
     heads: IntsLike = None
@@ -334,8 +351,7 @@ class AblateSinkValue(Intervention):
         _check_position(model, self.position)
         if self.value is not None:
             _check_shape("AblateSinkValue value", self.value, (len(layers), len(heads), model.cfg.d_head))
-        require(model, "reads:attn.hook_v", "reads:attn.hook_pattern", "attn.hook_z", "order",
-                needed_by="AblateSinkValue")
+        self.check_model(model, vars(self))
         n_heads, p, fq = model.cfg.n_heads, self.position, self.from_query
         value = None if self.value is None else _tensor(self.value)
         hooks = []
@@ -412,6 +428,8 @@ class ReplaceSinkKey(Intervention):
     ``key`` holds the new key per selected layer and kv head ([layers][kv_heads][d_head]).
     """
 
+    NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_k",)
+
     key: NumbersLike = ()
     layers: IntsLike = None
     heads: IntsLike = None
@@ -450,7 +468,7 @@ class ReplaceSinkKey(Intervention):
         kv_heads = _kv_heads(model, _heads(model, self.heads), self.heads)
         _check_position(model, self.position)
         _check_shape("ReplaceSinkKey key", self.key, (len(layers), len(kv_heads), model.cfg.d_head))
-        require(model, "attn.hook_k", needed_by="ReplaceSinkKey")
+        self.check_model(model, vars(self))
         key, p, group = _tensor(self.key), self.position, _group(model)
         hooks = []
         for index, layer in enumerate(layers):
@@ -496,6 +514,8 @@ class EditMassiveChannels(Intervention):
     :meth:`fit`. :meth:`random_control` edits as many random non-massive channels of comparable
     typical magnitude instead.
     """
+
+    NEEDS: ClassVar[tuple[str, ...]] = ("hook_resid_post",)
 
     channels: IntsLike = None
     positions: IntsLike = (0,)
@@ -589,7 +609,7 @@ class EditMassiveChannels(Intervention):
             )
         layers = _layers(model, self.layers)
         _select("channel", self.channels, model.cfg.d_model, "residual channels")
-        require(model, "hook_resid_post", needed_by="EditMassiveChannels")
+        self.check_model(model, vars(self))
         for position in self.positions:
             _check_position(model, position)
         if self.values is not None:
@@ -632,6 +652,10 @@ class PatchFirstTokenResidual(Intervention):
     """Replace the residual stream at ``position`` (``hook_resid_pre`` by default) of the chosen
     layers with stored vectors: ``source`` is [layers][rows][d_model], one row (broadcast to every
     sequence) or one row per sequence of the batch (aligned). Build it with :meth:`fit`."""
+
+    @classmethod
+    def needs(cls, fields: dict[str, Any]) -> tuple[str, ...]:
+        return (f"hook_{fields.get('hook', 'resid_pre')}",)
 
     source: NumbersLike = ()
     layers: IntsLike = None
@@ -680,7 +704,7 @@ class PatchFirstTokenResidual(Intervention):
     def hooks(self, model) -> list[Hook]:
         layers = _layers(model, self.layers)
         _check_position(model, self.position)
-        require(model, f"hook_{self.hook}", needed_by=f"PatchFirstTokenResidual(hook={self.hook!r})")
+        self.check_model(model, vars(self))
         shape = _shape(self.source)
         if len(shape) != 3 or shape[0] != len(layers) or shape[2] != model.cfg.d_model:
             raise SinkInterpError(
@@ -709,6 +733,10 @@ class PatchFirstTokenResidual(Intervention):
 # 6. Constant attention bias: an explicit sink slot
 
 
+# The slot reads the real logits (for the log-sum-exp), rescales the pattern and adds to z.
+_SLOT_NEEDS = ("scores", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "order")
+
+
 @dataclass(frozen=True, repr=False)
 class ConstantAttentionBias(Intervention):
     """A virtual key/value slot per head, the same for every input (DESIGN.md §3.6).
@@ -719,6 +747,8 @@ class ConstantAttentionBias(Intervention):
     queries, so the slot stands in for the sink. ``logit``: a number or [layers][heads];
     ``value``: None (zero, a pure key bias) or [layers][heads][d_head] (selected layers/heads).
     """
+
+    NEEDS: ClassVar[tuple[str, ...]] = _SLOT_NEEDS
 
     logit: NumbersLike = 0.0
     value: NumbersLike = None
@@ -757,13 +787,10 @@ class ConstantAttentionBias(Intervention):
 
     def hooks(self, model) -> list[Hook]:
         layers, heads, logit, value = self._tensors(model)
-        _require_slot(model, "ConstantAttentionBias")
+        self.check_model(model, vars(self))
         return _bias_hooks(model, layers, heads, logit, value, self.replace_sink, self.position, self.from_query)
 
 
-def _require_slot(model, who: str) -> None:
-    # The slot reads the real logits (for the log-sum-exp), rescales the pattern and adds to z.
-    require(model, "scores", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "order", needed_by=who)
 
 
 def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, replace_sink: bool,
@@ -861,7 +888,7 @@ def fit_constant_bias(
         )
     selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
     _check_seq(position, tokens.shape[1], "reference")
-    _require_slot(model, "fit_constant_bias")
+    require(model, *_SLOT_NEEDS, needed_by="fit_constant_bias")
     kept = _capture_all(model, tokens, selected_layers, {
         "attn.hook_attn_scores": lambda x: x[:, selected_heads, from_query:, position],  # [batch head query]
         "attn.hook_v": lambda x: x[:, position],  # [batch kv d_head]
@@ -958,6 +985,8 @@ class AblateHeads(Intervention):
     ``value``: [len(heads)][d_head] for ``"mean"``.
     """
 
+    NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_z",)
+
     heads: Any = ()
     mode: str = "mean"
     from_query: int = 1
@@ -997,7 +1026,7 @@ class AblateHeads(Intervention):
 
     def hooks(self, model) -> list[Hook]:
         pairs = _head_pairs(model, self.heads)
-        require(model, "attn.hook_z", needed_by="AblateHeads")
+        self.check_model(model, vars(self))
         if self.value is not None:
             _check_shape("AblateHeads value", self.value, (len(pairs), model.cfg.d_head))
         value = None if self.value is None else _tensor(self.value)

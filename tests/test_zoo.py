@@ -59,3 +59,31 @@ def test_learned_sinks_keep_their_mass_off_the_pattern():
     torch.testing.assert_close(report.learned_sink_share[0], missing[:, :, 1:].mean(dim=(0, 2)), rtol=0, atol=1e-6)
     plain = sink_scores(model_for("llama", zoo.backends_for("llama")[0]), tokens)
     assert float(plain.learned_sink_share.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("family", [f for f in ("gpt-j", "attn-only") if zoo.backends_for(f)])
+def test_spec_refuses_an_unfired_hook_before_any_forward_pass(family, tmp_path):
+    """PatchFirstTokenResidual(hook='resid_mid') on parallel attention (GPT-J) or an attention-only
+    model: the spec check refuses it by name before the experiment's first forward pass (the only
+    passes allowed are the capability probe's, over 4 tokens)."""
+    from sinkinterp import SinkInterpError
+    from sinkinterp.experiments import ExperimentSpec, run_experiment
+
+    model = zoo.build(family, zoo.backends_for(family)[0])
+    spec = ExperimentSpec.from_dict({
+        "name": "resid-mid", "model": "tiny-llama",
+        "data": {"source": "random", "seq_len": 16, "n_seqs": 2, "n_calibration": 1},
+        "loss_from": 4,
+        "conditions": [{"name": "patch mid", "interventions": [
+            {"type": "PatchFirstTokenResidual", "hook": "resid_mid", "fit": {"source": "mean"}}]}],
+    })
+    lengths = []
+    hook = model.hook_dict["hook_embed"]
+    handle = hook.register_forward_hook(lambda module, args, out: lengths.append(out.shape[1]))
+    try:
+        with pytest.raises(SinkInterpError, match=r"interventions\[0\].*PatchFirstTokenResidual edits "
+                                                  r"blocks\.L\.hook_resid_mid, which never fires"):
+            run_experiment(spec, tmp_path / "out", model=model, log=lambda *a: None)
+    finally:
+        handle.remove()
+    assert all(n == 4 for n in lengths), f"forward passes over {lengths} positions before the refusal"

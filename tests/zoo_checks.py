@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -370,7 +371,9 @@ def _raw_edit_reaches(model, suffix: str) -> bool:
             x = x * 0
         return x
 
-    with torch.inference_mode():
+    # TransformerLens 4 warns when it discards such an edit: here that is the point.
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         clean = model(tokens)
         edited = model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.0.{suffix}", edit)])
     return not torch.equal(clean, edited)

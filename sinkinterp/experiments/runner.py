@@ -91,6 +91,9 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                     from sinkinterp.interventions import _select
 
                     _select("channel", record["channels"], cfg.d_model, "residual channels")
+                # Can this model's hook points carry it (an edit that reaches the output, a hook that fires)?
+                INTERVENTIONS[record["type"]].check_model(model, {**record, **(record.get("fit") or {})},
+                                                          where=record["type"])
             except SinkInterpError as e:
                 raise SinkInterpError(f"{where}: {e}") from None
 
