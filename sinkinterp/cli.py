@@ -71,7 +71,7 @@ def _info(args) -> int:
 
 
 def _first_token(value: str) -> str | int:
-    """``--first-token``: 'none', 'bos', a token string, or a token id written as digits."""
+    """``--first-token``: 'default', 'none', 'bos', a token string, or a token id written as digits."""
     return int(value) if value.isdigit() else value
 
 
@@ -398,8 +398,9 @@ def _add_scan_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq-len", type=int, default=64, help="tokens per sequence, first token included (default 64)")
     group.add_argument("--n-seqs", type=int, default=32, help="number of sequences (default 32)")
     group.add_argument(
-        "--first-token", default="none", metavar="none|bos|TOKEN",
-        help="what to put first: nothing (default), the BOS token, a token string or a token id",
+        "--first-token", default="default", metavar="default|none|bos|TOKEN",
+        help="what to put first: the model's own convention (default: nothing for SmolLM2, <bos> for "
+             "Gemma-3), nothing, the BOS token, a token string or a token id",
     )
     group.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.8], help="sink-ratio thresholds in (0, 1)")
     group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")

@@ -2,8 +2,10 @@
 
 No dataset hub is reachable, so natural text comes from ``pydoc_data.topics`` (the help texts of
 the Python standard library, ~460 kB of English prose and code) or any text the caller passes.
-The BOS policy is explicit everywhere: ``first_token="none"`` (the default, the way SmolLM2's
-tokenizer works), ``"bos"``, a token string, or a token id.
+The BOS policy is explicit everywhere: ``first_token="default"`` (the model's own convention,
+recorded in its :class:`~sinkinterp.models.ModelSource`: nothing for SmolLM2, whose tokenizer adds
+no BOS; ``<bos>`` for Gemma-3, which was trained with it), ``"none"``, ``"bos"``, a token string,
+or a token id.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
+    "default_first_token",
     "corpus_text",
     "corpus_tokens",
     "random_tokens",
@@ -58,8 +61,8 @@ def resolve_token(model, token: FirstToken) -> int:
         if not 0 <= token < d_vocab:
             raise SinkInterpError(f"token id {token} out of range: vocabulary is 0..{d_vocab - 1}")
         return token
-    if not isinstance(token, str) or not token:
-        raise SinkInterpError(f"first token must be 'none', 'bos', a token string or an id, got {token!r}")
+    if not isinstance(token, str) or not token or token in ("none", "default"):
+        raise SinkInterpError(f"first token must be 'default', 'none', 'bos', a token string or an id, got {token!r}")
     tokenizer = _tokenizer(model)
     if token == "bos":
         if tokenizer.bos_token_id is None:
@@ -94,7 +97,25 @@ def _with_first(tokens: Tensor, first_id: int | None) -> Tensor:
     return torch.cat([first, tokens], dim=1)
 
 
+def default_first_token(model) -> str:
+    """The model's own BOS convention: ``"bos"`` if its tokenizer prepends BOS (Gemma-3), else
+    ``"none"`` (SmolLM2, tiny test models). What ``first_token="default"`` resolves to."""
+    from sinkinterp.models import model_source
+
+    try:
+        prepend = model_source(model).prepend_bos
+    except SinkInterpError:  # a model built elsewhere: TransformerLens's own setting
+        prepend = bool(getattr(model.cfg, "default_prepend_bos", False))
+    return "bos" if prepend else "none"
+
+
+def resolve_first_token(model, first_token: FirstToken) -> FirstToken:
+    """``first_token`` with ``"default"`` replaced by the model's convention (see :func:`default_first_token`)."""
+    return default_first_token(model) if first_token == "default" else first_token
+
+
 def _first_id(model, first_token: FirstToken) -> int | None:
+    first_token = resolve_first_token(model, first_token)
     return None if first_token == "none" else resolve_token(model, first_token)
 
 
@@ -104,7 +125,7 @@ def corpus_tokens(
     seq_len: int,
     *,
     text: str | None = None,
-    first_token: FirstToken = "none",
+    first_token: FirstToken = "default",
 ) -> Int[Tensor, "n_seqs seq_len"]:
     """Consecutive, non-overlapping chunks of the tokenized text, from its start.
 
@@ -130,17 +151,20 @@ def corpus_tokens(
     return _with_first(tokens, first_id)
 
 
-def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str | None = None
-                   ) -> Int[Tensor, "n_seqs seq_len"]:
-    """``n_seqs`` windows of ``seq_len`` text tokens at seeded random offsets (may overlap; no BOS):
-    a different sample of the text for each seed, where :func:`corpus_tokens` always takes its start."""
-    _check_counts(n_seqs, seq_len, model)
+def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str | None = None,
+                   first_token: FirstToken = "default") -> Int[Tensor, "n_seqs seq_len"]:
+    """``n_seqs`` windows of text tokens at seeded random offsets (may overlap), ``seq_len`` tokens
+    with the first token: a different sample of the text for each seed, where :func:`corpus_tokens`
+    always takes its start."""
+    first_id = _first_id(model, first_token)
+    _check_counts(n_seqs, seq_len, model, min_len=1 if first_id is None else 2)
+    n_text = seq_len - (first_id is not None)
     ids = _text_ids(model, corpus_text() if text is None else text)
-    if len(ids) < seq_len:
-        raise SinkInterpError(f"the text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    if len(ids) < n_text:
+        raise SinkInterpError(f"the text has {len(ids)} tokens, fewer than one window of {n_text}")
     rng = random.Random(seed)
-    starts = [rng.randrange(len(ids) - seq_len + 1) for _ in range(n_seqs)]
-    return torch.tensor([ids[s : s + seq_len] for s in starts], dtype=torch.long)
+    starts = [rng.randrange(len(ids) - n_text + 1) for _ in range(n_seqs)]
+    return _with_first(torch.tensor([ids[s : s + n_text] for s in starts], dtype=torch.long), first_id)
 
 
 _TEXT_IDS: dict[tuple[str, int, str], list[int]] = {}
@@ -167,7 +191,7 @@ def _allowed_ids(model) -> Tensor:
 
 
 def random_tokens(
-    model, n_seqs: int, seq_len: int, *, seed: int = 0, first_token: FirstToken = "none"
+    model, n_seqs: int, seq_len: int, *, seed: int = 0, first_token: FirstToken = "default"
 ) -> Int[Tensor, "n_seqs seq_len"]:
     """Uniformly random non-special tokens from a seeded generator (``seq_len`` includes the first token)."""
     first_id = _first_id(model, first_token)
@@ -180,7 +204,7 @@ def random_tokens(
 
 
 def repeated_random_tokens(
-    model, n_seqs: int, half_len: int, *, seed: int = 0, first_token: FirstToken = "none"
+    model, n_seqs: int, half_len: int, *, seed: int = 0, first_token: FirstToken = "default"
 ) -> Int[Tensor, "n_seqs seq"]:
     """``[x_1..x_n, x_1..x_n]`` for random ``x`` (n = ``half_len``), for induction and duplicate heads.
 
@@ -238,6 +262,8 @@ class NeedlePrompts:
     depths: tuple[float, ...] = ()
     seed: int | None = None
     request: str = ""
+    first_token: FirstToken = "none"
+    """The resolved first-token policy the prompts were built with."""
 
     def __post_init__(self):
         tokens, n = self.tokens, self.tokens.shape[0] if isinstance(self.tokens, Tensor) else 0
@@ -300,6 +326,7 @@ class NeedlePrompts:
             "seed": self.seed,
             "needle_template": NEEDLE_TEMPLATE,
             "request_template": self.request,
+            "first_token": self.first_token,
             "tokens_sha256": hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest(),
         }
 
@@ -334,6 +361,7 @@ def needle_prompts(
     seed: int = 0,
     text: str | None = None,
     request: str = REQUEST_TEMPLATE,
+    first_token: FirstToken = "default",
 ) -> NeedlePrompts:
     """``n_prompts`` prompts of exactly ``context_len`` tokens: a window of the offline corpus
     (at a seeded random offset) with a planted needle (a sentence with a random name, city and
@@ -341,7 +369,8 @@ def needle_prompts(
     then a request to repeat it (``request``, with ``{name}``; :data:`REQUEST_TEMPLATE` by default);
     each row continues with the needle.
 
-    No BOS is added (the corpus policy): position 0 is a haystack token.
+    ``first_token`` (the model's BOS convention by default) opens each prompt; with ``"none"``
+    position 0 is a haystack token.
     """
     if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
         raise SinkInterpError(f"n_prompts must be an integer >= 1, got {n_prompts!r}")
@@ -351,6 +380,8 @@ def needle_prompts(
     if text is None:
         text = corpus_text()
     corpus = _text_ids(model, text)
+    first_id = _first_id(model, first_token)
+    prefix = [] if first_id is None else [first_id]
     rng = random.Random(seed)
     rows, starts, lengths, needles = [], [], [], []
     for row in range(n_prompts):
@@ -359,7 +390,7 @@ def needle_prompts(
         needle_ids = _text_ids(model, needle)
         request_ids = _text_ids(model, request.format(name=name))
         separator = _text_ids(model, _SEPARATOR)
-        n_hay = context_len - len(needle_ids) - len(request_ids) - len(separator)
+        n_hay = context_len - len(prefix) - len(needle_ids) - len(request_ids) - len(separator)
         if n_hay < 1:
             raise SinkInterpError(
                 f"needle ({len(needle_ids)} tokens) and request ({len(request_ids)} tokens) do not fit in "
@@ -376,9 +407,9 @@ def needle_prompts(
         offset = rng.randrange(len(corpus) - n_hay + 1)
         haystack = corpus[offset : offset + n_hay]
         at = _line_break_near(model, haystack, round(depths[row % len(depths)] * n_hay))
-        prompt = haystack[:at] + needle_ids + separator + haystack[at:] + request_ids
+        prompt = prefix + haystack[:at] + needle_ids + separator + haystack[at:] + request_ids
         rows.append(prompt + needle_ids)
-        starts.append(at)
+        starts.append(len(prefix) + at)
         lengths.append(len(needle_ids))
         needles.append(needle)
     width = max(len(r) for r in rows)
@@ -393,6 +424,7 @@ def needle_prompts(
         depths=tuple(depths[r % len(depths)] for r in range(n_prompts)),
         seed=seed,
         request=request,
+        first_token=resolve_first_token(model, first_token),
     )
 
 

@@ -36,7 +36,13 @@ from torch import Tensor
 
 from sinkinterp._batches import Batch, Reducer, check_int, stream
 from sinkinterp.backends import attention_windows, capabilities, final_logits, is_hooked_transformer
-from sinkinterp.data import NeedlePrompts, corpus_windows, needle_prompts, repeated_random_tokens
+from sinkinterp.data import (
+    NeedlePrompts,
+    corpus_windows,
+    default_first_token,
+    needle_prompts,
+    repeated_random_tokens,
+)
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.metrics import alpha_at
 
@@ -97,7 +103,10 @@ class RepeatedTokens:
 
 
 def _repeated(model, n_seqs: int, half_len: int, seed: int) -> RepeatedTokens:
-    return RepeatedTokens(repeated_random_tokens(model, n_seqs, half_len, seed=seed), half_len)
+    """Repeated random tokens after the model's own first token, if it has one (BOS for Gemma-3)."""
+    first = default_first_token(model)
+    tokens = repeated_random_tokens(model, n_seqs, half_len, seed=seed, first_token=first)
+    return RepeatedTokens(tokens, half_len, offset=int(first != "none"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,8 +568,9 @@ def classify_heads(
         "thresholds": thresholds,
         "scorers": {n: SCORERS[n].description for n in names},
         "data": {
-            "repeated": {"n_seqs": n_seqs, "half_len": half_len, "first_token": "none"},
-            "text": {"n_seqs": n_seqs, "text_len": text_len, "source": "pydoc_data.topics, seeded offsets"},
+            "repeated": {"n_seqs": n_seqs, "half_len": half_len, "first_token": default_first_token(model)},
+            "text": {"n_seqs": n_seqs, "text_len": text_len, "source": "pydoc_data.topics, seeded offsets",
+                     "first_token": default_first_token(model)},
             "needle": [p.to_dict() for p in prompts],
         },
     })

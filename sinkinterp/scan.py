@@ -172,7 +172,7 @@ def scan_corpus(
     text_file: str | Path | None = None,
     n_seqs: int = 32,
     seq_len: int = 64,
-    first_token: str | int = "none",
+    first_token: str | int = "default",
     **kwargs,
 ) -> ScanResult:
     """:func:`scan` on ``corpus_tokens`` of the offline corpus or of ``text_file``."""
@@ -182,7 +182,7 @@ def scan_corpus(
 
 def _corpus(model, text_file, n_seqs: int, seq_len: int, first_token) -> tuple[Tensor, dict[str, Any]]:
     """The tokens :func:`scan_corpus` measures, and the record of how they were made."""
-    from sinkinterp.data import corpus_tokens
+    from sinkinterp.data import corpus_tokens, resolve_first_token
 
     if text_file is None:
         text, source = None, {"source": CORPUS_SOURCE}
@@ -198,4 +198,5 @@ def _corpus(model, text_file, n_seqs: int, seq_len: int, first_token) -> tuple[T
             raise SinkInterpError(f"text file {str(path)!r} is not UTF-8 text") from None
         source = {"source": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
     tokens = corpus_tokens(model, n_seqs, seq_len, text=text, first_token=first_token)
-    return tokens, {"n_seqs": n_seqs, "seq_len": seq_len, "first_token": first_token, **source}
+    return tokens, {"n_seqs": n_seqs, "seq_len": seq_len, "first_token": first_token,
+                    "first_token_resolved": resolve_first_token(model, first_token), **source}

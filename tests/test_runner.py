@@ -88,7 +88,8 @@ def test_same_spec_twice_gives_identical_results(tmp_path):
     a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
     assert a == b
     # and the record is complete: provenance, every condition, the sweep, measurements, verdicts
-    assert a["provenance"]["seed"] == 0 and a["provenance"]["bos_policy"]["first_token"] == "none"
+    assert a["provenance"]["seed"] == 0 and a["provenance"]["bos_policy"]["first_token"] == "default"
+    assert a["provenance"]["bos_policy"]["first_token_resolved"] == "none"  # tiny models have no BOS
     assert a["provenance"]["versions"]["torch"] == torch.__version__
     assert [c["name"] for c in a["conditions"]] == [c["name"] for c in SPEC["conditions"]]
     assert len(a["conditions"][-1]["sweep"]["variants"]) == 2 * 6

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sinkinterp._io import atomic_write_json
 from sinkinterp.backends import attention_windows
+from sinkinterp.data import resolve_first_token
 from sinkinterp.metrics import alpha_at
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
@@ -61,8 +62,8 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
     cfg = model.cfg
     if spec.data.seq_len > cfg.n_ctx:
         raise SinkInterpError(f"spec.data.seq_len: {spec.data.seq_len} exceeds the model's context n_ctx = {cfg.n_ctx}")
-    needs_tokenizer = spec.data.source != "random" or spec.data.first_token not in ("none",) and not isinstance(
-        spec.data.first_token, int)
+    first = resolve_first_token(model, spec.data.first_token)
+    needs_tokenizer = spec.data.source != "random" or first != "none" and not isinstance(first, int)
     if needs_tokenizer and getattr(model, "tokenizer", None) is None:
         raise SinkInterpError(f"spec.data: source {spec.data.source!r} / first_token {spec.data.first_token!r} "
                               f"need a tokenizer, and {cfg.model_name} has none: use source 'random'")
@@ -104,7 +105,8 @@ def _data(model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
 
     data = spec.data
     n_total = data.n_calibration + data.n_seqs
-    record: dict[str, Any] = {"source": data.source, "first_token": data.first_token}
+    record: dict[str, Any] = {"source": data.source, "first_token": data.first_token,
+                              "first_token_resolved": resolve_first_token(model, data.first_token)}
     if data.source == "random":
         tokens = random_tokens(model, n_total, data.seq_len, seed=data.seed, first_token=data.first_token)
         record["seed"] = data.seed
@@ -313,7 +315,8 @@ def provenance(model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, A
         "versions": package_versions(),
         "git": _git_commit(),
         "seed": spec.seed,
-        "bos_policy": {"first_token": spec.data.first_token, "tokenizer": info.get("bos_policy")},
+        "bos_policy": {"first_token": spec.data.first_token, "tokenizer": info.get("bos_policy"),
+                       "first_token_resolved": resolve_first_token(model, spec.data.first_token)},
         "data": data,
         "torch_threads": torch.get_num_threads(),
     }

@@ -68,7 +68,8 @@ class DataSpec:
     seq_len: int = 128
     n_seqs: int = 16
     n_calibration: int = 8
-    first_token: Union[str, int] = "none"  # 'none', 'bos', a token string or an id (the BOS policy)
+    # The BOS policy: 'default' (the model's own convention), 'none', 'bos', a token string or an id.
+    first_token: Union[str, int] = "default"
     seed: int = 0  # for source 'random'
     batch_size: int = 8
 
