@@ -93,7 +93,8 @@ class ScanResult:
         if t:
             lines.append(
                 f"scan of {t['n_seqs']} sequences x {t['seq_len']} tokens from {t['source']} "
-                f"(first token: {t['first_token']})"
+                f"(first token: {t.get('first_token_resolved', t['first_token'])}"
+                f"{', the model default' if t['first_token'] == 'default' else ''})"
             )
         n_heads = report.n_layers * report.n_heads
         ratios = "   ".join(f"eps={eps:g}: {value:.3f}" for eps, value in report.sink_ratio.items())

@@ -1,5 +1,10 @@
 """Test tiers: unit tests on tiny random models (milliseconds); integration tests on the embedded
-SmolLM2 (one session-scoped load from the weight cache; the first run converts the GGUF, ~1 min)."""
+models (one session-scoped load each from the weight cache; the first run converts the GGUF).
+
+``make test`` runs the whole suite on TransformerLens 4.x (TransformerBridge only), then the tests
+marked ``backend`` again on TransformerLens 3.9, where ``backend="auto"`` is HookedTransformer and
+the bridge is loaded beside it. Tests that compare the two backends run in that second pass.
+"""
 
 import os
 
@@ -10,34 +15,64 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
-from sinkinterp import load_model
+from sinkinterp import load_model, model_source
+from sinkinterp.backends import HOOKED_AVAILABLE
 from sinkinterp.data import corpus_tokens
+
+#: For tests that compare HookedTransformer with TransformerBridge: they need TransformerLens < 4.
+both_backends = pytest.mark.skipif(
+    not HOOKED_AVAILABLE,
+    reason="compares HookedTransformer with TransformerBridge, which needs TransformerLens < 4: "
+    "it runs in make test's TransformerLens 3.9 pass",
+)
+
+
+def _hf(model):
+    """The transformers model read from the same cache, with eager attention (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(
+        model_source(model).cache_dir, dtype=torch.float32, attn_implementation="eager"
+    )
+    return hf.eval()
 
 
 @pytest.fixture(scope="session")
 def smollm2():
+    """backend='auto': HookedTransformer on TransformerLens 3.x, TransformerBridge on 4.x."""
     return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
-def smollm2_bridge():
+def smollm2_bridge(smollm2):
+    if model_source(smollm2).backend == "bridge":
+        return smollm2
     return load_model("smollm2-135m", backend="bridge")
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2):
-    """The transformers model read from the same cache, with eager attention (the reference)."""
-    from transformers import LlamaForCausalLM
-
-    from sinkinterp import model_source
-
-    hf = LlamaForCausalLM.from_pretrained(
-        model_source(smollm2).cache_dir, dtype=torch.float32, attn_implementation="eager"
-    )
-    return hf.eval()
+    return _hf(smollm2)
 
 
 @pytest.fixture(scope="session")
 def corpus_batch(smollm2):
     """Two sequences of 160 real tokens from the offline corpus (320 tokens in all)."""
     return corpus_tokens(smollm2, 2, 160)
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    return load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_bridge(gemma):
+    if model_source(gemma).backend == "bridge":
+        return gemma
+    return load_model("gemma-3-270m", backend="bridge")
+
+
+@pytest.fixture(scope="session")
+def gemma_hf(gemma):
+    return _hf(gemma)

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from sinkinterp.backends import TL_VERSION
 from sinkinterp.cli import main
 
 
@@ -40,7 +41,7 @@ def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "layers        30" in out
     assert "greedy completion of 'The capital of France is'" in out and "Paris" in out
-    assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none)" in out
+    assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none, the model default)" in out
     assert "sink ratio (share of the 270 heads with alpha at k=0 > eps):  eps=0.3: 0." in out
     assert "channel 507   at first token" in out
     results = json.loads((tmp_path / "demo" / "experiment" / "results.json").read_text())
@@ -128,8 +129,9 @@ def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, c
     for key in ("model", "tokens", "alpha_first", "sink_ratio", "first_token_share", "secondary_sinks",
                 "massive_activations", "stable_massive_channels"):
         assert key in record
-    assert record["tokens"] == {"n_seqs": 4, "seq_len": 32, "first_token": "none", "source": "pydoc_data.topics"}
-    assert record["model"]["source"]["sha256"] and record["versions"]["transformer_lens"].startswith("3.")
+    assert record["tokens"] == {"n_seqs": 4, "seq_len": 32, "first_token": "default", "first_token_resolved": "none",
+                                "source": "pydoc_data.topics"}
+    assert record["model"]["source"]["sha256"] and record["versions"]["transformer_lens"] == ".".join(map(str, TL_VERSION))
     assert len(record["alpha_first"]) == 30 and len(record["alpha_first"][0]) == 9
     assert set(record["sink_ratio"]) == {"0.3", "0.8"} and len(record["first_token_share"]) == 30
     entry = record["massive_activations"][0]

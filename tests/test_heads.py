@@ -23,6 +23,8 @@ from sinkinterp.heads import (
 from sinkinterp.interventions import AblateHeads, Intervention, intervene
 from sinkinterp.metrics import qk_massive_values, rotary_pairs
 
+pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
+
 
 @pytest.fixture(scope="module")
 def tiny():

@@ -11,6 +11,10 @@ from sinkinterp.cli import main
 from sinkinterp.data import NEEDLE_TEMPLATE, needle_prompts
 from sinkinterp.heads import classify_heads, qk_by_label, top_heads
 
+from conftest import both_backends
+
+pytestmark = pytest.mark.integration
+
 
 def test_needle_prompts_structure(smollm2):
     tokenizer = smollm2.tokenizer
@@ -94,6 +98,8 @@ def test_cli_heads_writes_table_figure_and_validation(tmp_path, capsys):
     assert "--k must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.backend
+@both_backends
 def test_greedy_recall_agrees_between_backends(smollm2, smollm2_bridge):
     """The bridge has no key/value cache here and recomputes each step: same answers, same scores."""
     from sinkinterp.heads import greedy_recall

@@ -23,6 +23,8 @@ from sinkinterp.interventions import (
 )
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
+
 GROUP = 3  # tiny_llama: 6 query heads over 2 kv heads
 
 

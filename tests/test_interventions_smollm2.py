@@ -15,7 +15,9 @@ from sinkinterp.interventions import (
     intervene,
 )
 
-pytestmark = pytest.mark.integration
+from conftest import both_backends
+
+pytestmark = [pytest.mark.integration, pytest.mark.backend]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,7 @@ def interventions(model, reference):
     }
 
 
+@both_backends
 def test_each_intervention_gives_the_same_loss_on_both_backends(smollm2, smollm2_bridge, reference, evaluation):
     clean = loss(smollm2, evaluation)
     assert abs(loss(smollm2_bridge, evaluation) - clean) < 1e-3

@@ -20,6 +20,8 @@ from sinkinterp.metrics import (
 )
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
+
 # First-token share c[l, h] of each head of tiny_gpt2 (2 layers x 4 heads).
 SHARE = torch.tensor([[0.9, 0.5, 0.1, 0.0], [1.0, 0.15, 0.7, 0.3]])
 

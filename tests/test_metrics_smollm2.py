@@ -15,7 +15,9 @@ from sinkinterp.metrics import (
     value_weighted_attention,
 )
 
-pytestmark = pytest.mark.integration
+from conftest import both_backends
+
+pytestmark = [pytest.mark.integration, pytest.mark.backend]
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,7 @@ def test_the_embedded_model_has_strong_first_token_sinks(report):
     assert report.strongest_heads(1).alpha.iloc[0] > 0.9
 
 
+@both_backends
 def test_bridge_gives_the_same_numbers(smollm2, smollm2_bridge, tokens, report):
     bridge = sink_scores(smollm2_bridge, tokens)
     assert (bridge.alpha - report.alpha).abs().max() < 1e-4

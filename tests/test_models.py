@@ -7,6 +7,7 @@ import torch
 
 import sinkinterp
 from sinkinterp import SinkInterpError, load_model, model_source
+from sinkinterp.backends import DEFAULT_BACKEND, HOOKED_AVAILABLE, TL_VERSION, is_hooked_transformer
 from sinkinterp.models import (
     _HOOKED_WEIGHTS,
     _MANIFEST,
@@ -18,7 +19,10 @@ from sinkinterp.models import (
     model_info,
 )
 
-pytestmark = pytest.mark.integration
+from conftest import both_backends
+
+pytestmark = [pytest.mark.integration, pytest.mark.backend]
+STEM = "SmolLM2-135M-Instruct.Q4_1"
 
 
 def _log_probs(logits):
@@ -26,7 +30,10 @@ def _log_probs(logits):
 
 
 @torch.no_grad()
-def test_hooked_matches_transformers_log_probs(smollm2, smollm2_hf, corpus_batch):
+def test_default_backend_matches_transformers_log_probs(smollm2, smollm2_hf, corpus_batch):
+    """backend='auto' is HookedTransformer on TransformerLens 3.x and TransformerBridge on 4.x."""
+    assert model_source(smollm2).backend == DEFAULT_BACKEND == ("hooked" if TL_VERSION < (4,) else "bridge")
+    assert is_hooked_transformer(smollm2) == HOOKED_AVAILABLE
     ours = _log_probs(smollm2(corpus_batch))
     reference = _log_probs(smollm2_hf(corpus_batch).logits)
     assert corpus_batch.numel() >= 300
@@ -42,6 +49,7 @@ def test_bridge_matches_transformers_log_probs(smollm2_bridge, smollm2_hf, corpu
     assert (ours - reference).abs().max().item() < 1e-3
 
 
+@both_backends
 @torch.no_grad()
 def test_bridge_and_hooked_share_hook_names(smollm2, smollm2_bridge, corpus_batch):
     tokens = corpus_batch[:1, :32]
@@ -55,8 +63,12 @@ def test_bridge_and_hooked_share_hook_names(smollm2, smollm2_bridge, corpus_batc
 def test_embedded_model_architecture_and_bos_policy(smollm2):
     cfg = smollm2.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model) == (30, 9, 3, 576)
-    assert cfg.rotary_base == 100000.0
-    assert cfg.normalization_type == "RMSPre"  # folded, as from_pretrained does by default
+    assert model_info(smollm2)["sliding_window_layers"] == []
+    if is_hooked_transformer(smollm2):
+        assert cfg.rotary_base == 100000.0
+        assert cfg.normalization_type == "RMSPre"  # folded, as from_pretrained does by default
+    else:
+        assert smollm2.original_model.config.rope_parameters["rope_theta"] == 100000.0
     # The GGUF's tokenizer adds no BOS and neither does to_tokens: the policy is recorded as "none".
     # (TransformerLens swaps in a tokenizer whose encode() always adds BOS and strips it again in
     # to_tokens when default_prepend_bos is False; sinkinterp.data never relies on encode().)
@@ -92,25 +104,45 @@ def test_cache_holds_manifest_and_safetensors_only(smollm2):
     assert folder.parent == cache_root()
     manifest = json.loads((folder / _MANIFEST).read_text())
     assert manifest["gguf_sha256"] == model_source(smollm2).sha256
-    assert {"model.safetensors", _HOOKED_WEIGHTS, "config.json"} <= set(manifest["files"])
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    # The folded HookedTransformer weights exist only where HookedTransformer can use them, keyed by
+    # the TransformerLens release that folded them, with their own size/sha256 record.
+    if HOOKED_AVAILABLE:
+        record = json.loads((folder / _HOOKED_WEIGHTS).with_suffix(".json").read_text())
+        assert record["sha256"] == _sha256(folder / _HOOKED_WEIGHTS) and record["gguf_sha256"] == manifest["gguf_sha256"]
     suffixes = {p.suffix for p in folder.iterdir()}
     assert ".bin" not in suffixes and ".pt" not in suffixes and ".pkl" not in suffixes
+
+
+@pytest.mark.slow
+def test_cold_cache_builds_and_loads_on_this_transformer_lens(smollm2, corpus_batch, tmp_path, monkeypatch):
+    """From an empty cache: the transformers folder is built (and, on TransformerLens 3.x with the
+    HookedTransformer backend, the folded weights); the model equals the one from the warm cache."""
+    monkeypatch.setenv("SINKINTERP_CACHE", str(tmp_path))
+    cold = load_model()
+    folder = _cache_dir_for(STEM, model_source(smollm2).sha256)
+    assert model_source(cold).cache_dir == str(folder) and _manifest_problem(folder, model_source(cold).sha256) is None
+    assert (folder / _HOOKED_WEIGHTS).exists() == (model_source(cold).backend == "hooked")
+    with torch.no_grad():
+        torch.testing.assert_close(cold(corpus_batch[:, :16]), smollm2(corpus_batch[:, :16]))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # the temporary build folder was renamed or removed
 
 
 @pytest.mark.slow
 def test_truncated_cache_is_detected_and_rebuilt(smollm2, corpus_batch, tmp_path, monkeypatch):
     good = model_source(smollm2).cache_dir
     monkeypatch.setenv("SINKINTERP_CACHE", str(tmp_path))
-    gguf = embedded_gguf_path()
-    copy = _cache_dir_for(gguf, model_source(smollm2).sha256)
+    copy = _cache_dir_for(STEM, model_source(smollm2).sha256)
     shutil.copytree(good, copy)
-    weights = copy / _HOOKED_WEIGHTS
+    weights = copy / "model.safetensors"
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
     assert "bytes, expected" in _manifest_problem(copy, model_source(smollm2).sha256)
 
-    with pytest.warns(UserWarning, match="unusable .*hooked_transformer.safetensors has"):
+    with pytest.warns(UserWarning, match="unusable .*model.safetensors has"):
         rebuilt = load_model()
     assert weights.stat().st_size == size
     assert _manifest_problem(copy, model_source(smollm2).sha256) is None
@@ -118,6 +150,30 @@ def test_truncated_cache_is_detected_and_rebuilt(smollm2, corpus_batch, tmp_path
         torch.testing.assert_close(rebuilt(corpus_batch[:, :16]), smollm2(corpus_batch[:, :16]))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # the temporary build folder was renamed or removed
+
+
+@pytest.mark.skipif(not HOOKED_AVAILABLE, reason="the folded HookedTransformer weights exist only on TransformerLens < 4")
+def test_truncated_hooked_weights_are_refolded(smollm2, corpus_batch, tmp_path, monkeypatch):
+    good = model_source(smollm2).cache_dir
+    monkeypatch.setenv("SINKINTERP_CACHE", str(tmp_path))
+    copy = _cache_dir_for(STEM, model_source(smollm2).sha256)
+    shutil.copytree(good, copy)
+    weights = copy / _HOOKED_WEIGHTS
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.warns(UserWarning, match=rf"unusable \({_HOOKED_WEIGHTS} has {size // 2} bytes"):
+        rebuilt = load_model(backend="hooked")
+    assert weights.stat().st_size == size
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(corpus_batch[:, :16]), smollm2(corpus_batch[:, :16]))
+
+
+@pytest.mark.skipif(HOOKED_AVAILABLE, reason="TransformerLens < 4 has HookedTransformer")
+def test_hooked_backend_is_refused_on_transformer_lens_4():
+    with pytest.raises(SinkInterpError, match=r"backend 'hooked' needs HookedTransformer, which TransformerLens "
+                                              r"4\.\d+\.\d+ no longer has \(removed in 4\.0\): use backend='bridge'"):
+        load_model(backend="hooked")
 
 
 def test_bit_flipped_cache_file_is_detected(tmp_path):
@@ -158,7 +214,7 @@ def test_hub_model_offline_points_at_the_embedded_model():
 
 
 def test_bad_backend():
-    with pytest.raises(SinkInterpError, match=r"backend 'jax' is not supported: use one of \('hooked', 'bridge'\)"):
+    with pytest.raises(SinkInterpError, match=r"backend 'jax' is not supported: use one of \('auto', 'hooked', 'bridge'\)"):
         load_model(backend="jax")
 
 
@@ -216,14 +272,17 @@ def test_gguf_of_another_architecture(tmp_path, monkeypatch):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(SinkInterpError, match=r"has architecture 'gpt2': sinkinterp converts 'llama' GGUF files only"):
+    with pytest.raises(SinkInterpError, match=r"has architecture 'gpt2': sinkinterp converts 'llama' and 'gemma3' GGUF files only"):
         load_model(str(path))
 
 
+@pytest.mark.parametrize("backend", ["auto", "bridge"])
 @torch.no_grad()
-def test_bfloat16_load_is_cast_after_float32_folding(smollm2, corpus_batch):
-    half = load_model(dtype=torch.bfloat16)
+def test_bfloat16_load_is_cast_after_float32_folding(smollm2, corpus_batch, backend):
+    """Every parameter in the dtype asked for (the bridge used to keep float32 while recording bfloat16)."""
+    half = load_model(dtype=torch.bfloat16, backend=backend)
     assert model_source(half).dtype == "bfloat16" and half.W_Q.dtype == torch.bfloat16
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.cfg.dtype == torch.bfloat16
     tokens = corpus_batch[:, :64]
     agree = (half(tokens).argmax(-1) == smollm2(tokens).argmax(-1)).float().mean().item()
     assert agree > 0.9

@@ -34,6 +34,8 @@ from sinkinterp.interventions import (
 )
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
+
 SPEC = {
     "name": "tiny",
     "model": "tiny-llama",

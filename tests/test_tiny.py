@@ -4,6 +4,8 @@ import torch
 from sinkinterp import SinkInterpError, model_source
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
 
+pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
+
 
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
 def test_tiny_models_run_and_are_seeded(build):
