@@ -6,7 +6,7 @@ of reducers in one forward pass per mini-batch, under ``torch.inference_mode``, 
 ``run_with_hooks`` (which removes exactly the hooks it added, also when the forward raises).
 
 Positions are relative to each row's first real token: with left padding, relative position 0
-is the first token after the pads, which is where the sink sits (DESIGN.md §3.8).
+is the first token after the pads, which is where the sink sits (docs/design.md §3.8).
 """
 
 from __future__ import annotations

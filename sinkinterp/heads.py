@@ -1,5 +1,5 @@
 """Head scores and the sink / previous-token / duplicate / induction / recall classification
-(DESIGN.md §2), with a causal check of the recall and induction labels.
+(docs/design.md §2), with a causal check of the recall and induction labels.
 
 Every score is in [0, 1] and comes from a *scorer*: a registered recipe that names the data it
 needs and reduces each layer's attention pattern to per-head sums in a hook (nothing of shape
@@ -60,7 +60,7 @@ __all__ = [
     "qk_by_label",
 ]
 
-#: Label -> threshold on its score (DESIGN.md §2: induction / previous 0.4 as in ARENA, retrieval
+#: Label -> threshold on its score (docs/design.md §2: induction / previous 0.4 as in ARENA, retrieval
 #: 0.1 as Wu et al., sink eps 0.3).
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "sink": 0.3,

@@ -1,4 +1,4 @@
-"""Causal interventions on the sink, as values (DESIGN.md §3).
+"""Causal interventions on the sink, as values (docs/design.md §3).
 
 Each intervention is a frozen dataclass: it prints, compares, and round-trips through
 ``to_dict`` / ``Intervention.from_dict`` (JSON or YAML). Statistics it needs (mean values, fitted
@@ -267,7 +267,7 @@ def _key_masker(heads: list[int], n_heads: int, position: int, from_query: int) 
 class MaskSinkKey(Intervention):
     """Remove key ``position`` before the softmax for queries i >= ``from_query`` (they renormalise
     over the other keys). Rows i < from_query keep the sink, so position 1 does not turn into a
-    new sink (DESIGN.md §3.1)."""
+    new sink (docs/design.md §3.1)."""
 
     NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_attn_scores",)
 
@@ -304,7 +304,7 @@ class AblateSinkValue(Intervention):
     ``A[i, position] * v_position`` to queries i >= ``from_query``, without renormalising.
 
     Acts on ``hook_z``, so the sink's own row, its residual stream and its key stay untouched
-    (zeroing ``hook_v`` would change them: DESIGN.md §3.2). ``value`` holds the replacement per
+    (zeroing ``hook_v`` would change them: docs/design.md §3.2). ``value`` holds the replacement per
     selected layer and head ([layers][heads][d_head]), from :meth:`fit`.
     """
 
@@ -739,7 +739,7 @@ _SLOT_NEEDS = ("scores", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hoo
 
 @dataclass(frozen=True, repr=False)
 class ConstantAttentionBias(Intervention):
-    """A virtual key/value slot per head, the same for every input (DESIGN.md §3.6).
+    """A virtual key/value slot per head, the same for every input (docs/design.md §3.6).
 
     Softmax over ``[scores, logit]`` equals the pattern times ``keep_i = sigmoid(LSE_i - logit)``
     plus a slot of weight ``1 - keep_i`` whose value ``value`` is added to z. Applied to queries

@@ -1,4 +1,4 @@
-"""Measure attention sinks and massive activations (definitions: DESIGN.md §2).
+"""Measure attention sinks and massive activations (definitions: docs/design.md §2).
 
 Every metric streams: hooks reduce each layer's activation to a per-sequence statistic, add it to
 running sums and drop it, so memory never holds a ``[layers, heads, T, T]`` cache. Positions are

@@ -667,6 +667,12 @@ def _cast(model, *, device, dtype: torch.dtype):
         model = model.to(device, print_details=False)
     else:
         model = model.to(device=device, dtype=dtype, print_details=False)
+        # TransformerLens 3.9's bridge keeps its folded weights as plain tensor attributes
+        # (_processed_W_in, ...) that Module.to() does not move: cast them too.
+        for module in model.modules():
+            for key, value in list(vars(module).items()):
+                if key.startswith("_processed_") and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    module.__dict__[key] = value.to(device=device, dtype=dtype)
     model.eval()
     return model
 

@@ -88,7 +88,7 @@ def test_left_padding_with_a_mask_matches_the_unpadded_batch(smollm2):
 def test_sink_keys_are_small_and_win_by_angle(smollm2, tokens):
     geometry = qkv_geometry(smollm2, tokens[:2])
     late = geometry[geometry.layer >= 12]
-    # DESIGN.md §1: the sink's key and value are small; it wins by angle, not by norm.
+    # docs/design.md §1: the sink's key and value are small; it wins by angle, not by norm.
     # Measured: true for every one of the 162 heads of layers 12-29.
     assert (late.k_sink_norm < late.k_other_norm).mean() > 0.9
     assert (late.v_sink_norm < late.v_other_norm).mean() > 0.9
