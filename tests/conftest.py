@@ -37,42 +37,32 @@ def _hf(model):
     return hf.eval()
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """backend='auto': HookedTransformer on TransformerLens 3.x, TransformerBridge on 4.x."""
-    return load_model("smollm2-135m")
+def _embedded_fixtures(name: str, prefix: str):
+    """Session fixtures ``prefix`` (backend='auto': HookedTransformer on TransformerLens 3.x,
+    TransformerBridge on 4.x), ``prefix_bridge`` (the same object where auto is the bridge) and
+    ``prefix_hf`` for the embedded model ``name``."""
+
+    @pytest.fixture(scope="session")
+    def model():
+        return load_model(name)
+
+    @pytest.fixture(scope="session")
+    def bridge(request):
+        default = request.getfixturevalue(prefix)
+        return default if model_source(default).backend == "bridge" else load_model(name, backend="bridge")
+
+    @pytest.fixture(scope="session")
+    def hf(request):
+        return _hf(request.getfixturevalue(prefix))
+
+    return model, bridge, hf
 
 
-@pytest.fixture(scope="session")
-def smollm2_bridge(smollm2):
-    if model_source(smollm2).backend == "bridge":
-        return smollm2
-    return load_model("smollm2-135m", backend="bridge")
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf(smollm2):
-    return _hf(smollm2)
+smollm2, smollm2_bridge, smollm2_hf = _embedded_fixtures("smollm2-135m", "smollm2")
+gemma, gemma_bridge, gemma_hf = _embedded_fixtures("gemma-3-270m", "gemma")
 
 
 @pytest.fixture(scope="session")
 def corpus_batch(smollm2):
     """Two sequences of 160 real tokens from the offline corpus (320 tokens in all)."""
     return corpus_tokens(smollm2, 2, 160)
-
-
-@pytest.fixture(scope="session")
-def gemma():
-    return load_model("gemma-3-270m")
-
-
-@pytest.fixture(scope="session")
-def gemma_bridge(gemma):
-    if model_source(gemma).backend == "bridge":
-        return gemma
-    return load_model("gemma-3-270m", backend="bridge")
-
-
-@pytest.fixture(scope="session")
-def gemma_hf(gemma):
-    return _hf(gemma)

@@ -218,29 +218,28 @@ def check_key_replacement(model, family):
     _close(k[:, 1:], k0[:, 1:], 0, "the other keys")
 
 
+def _sink_column_matches(model, family, frame, hook: str, column: str, atol: float) -> None:
+    """``frame[column]`` per (layer, head) is the mean of ``hook[..., i, 0]`` over the queries
+    i >= 1 that can see key 0, then over sequences."""
+    tokens = _tokens(model)
+    _, seen = _capture(model, tokens, [f"blocks.{l}.attn.{hook}" for l in range(model.cfg.n_layers)])
+    for layer, window in enumerate(_windows(family)):
+        values = seen[f"blocks.{layer}.attn.{hook}"].double()
+        expected = values[:, :, _seen(N_POS, 0, window)[1:], 0].mean(dim=2).mean(dim=0)
+        _close(torch.tensor(frame[frame.layer == layer][column].to_numpy()), expected, atol, f"{column} layer {layer}")
+
+
 def check_geometry(model, family):
     """qkv_geometry's logits are the mean hook_attn_scores over the queries that can see the key."""
-    tokens = _tokens(model)
-    frame = qkv_geometry(model, tokens)
-    _, seen = _capture(model, tokens, [f"blocks.{l}.attn.hook_attn_scores" for l in range(model.cfg.n_layers)])
-    for layer, window in enumerate(_windows(family)):
-        scores = seen[f"blocks.{layer}.attn.hook_attn_scores"].double()
-        expected = scores[:, :, _seen(N_POS, 0, window)[1:], 0].mean(dim=2).mean(dim=0)
-        got = torch.tensor(frame[frame.layer == layer].logit_sink.to_numpy())
-        _close(got, expected, 1e-4, f"logit_sink layer {layer}")
+    frame = qkv_geometry(model, _tokens(model))
+    _sink_column_matches(model, family, frame, "hook_attn_scores", "logit_sink", 1e-4)
     assert bool(torch.isfinite(torch.tensor(frame.drop(columns=["layer", "head", "kv_head"]).to_numpy())).all())
 
 
 def check_value_weighted(model, family):
     """value_weighted_attention's attention share is the mean A[i, 0] over queries that see it."""
-    tokens = _tokens(model)
-    frame = value_weighted_attention(model, tokens)
-    _, seen = _capture(model, tokens, [f"blocks.{l}.attn.hook_pattern" for l in range(model.cfg.n_layers)])
-    for layer, window in enumerate(_windows(family)):
-        pattern = seen[f"blocks.{layer}.attn.hook_pattern"].double()
-        expected = pattern[:, :, _seen(N_POS, 0, window)[1:], 0].mean(dim=2).mean(dim=0)
-        _close(torch.tensor(frame[frame.layer == layer].attn_sink_share.to_numpy()), expected, 1e-6,
-               f"attn_sink_share layer {layer}")
+    frame = value_weighted_attention(model, _tokens(model))
+    _sink_column_matches(model, family, frame, "hook_pattern", "attn_sink_share", 1e-6)
     assert (frame.norm_sink_share.between(0, 1)).all()
 
 
