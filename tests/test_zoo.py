@@ -89,3 +89,38 @@ def test_spec_refuses_an_unfired_hook_before_any_forward_pass(family, tmp_path):
     finally:
         handle.remove()
     assert all(n == 4 for n in lengths), f"forward passes over {lengths} positions before the refusal"
+
+
+def test_boot_native_attention_edits_are_refused_not_ignored():
+    """TransformerLens's TL-native toy path (boot_native) fires hook_attn_scores as the post-softmax
+    pattern, after hook_z, and ignores edits there: MaskSinkKey and the constant slot must refuse it."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from sinkinterp import SinkInterpError
+    from sinkinterp.interventions import ConstantAttentionBias, MaskSinkKey, intervene
+    from sinkinterp.models import ModelSource, attach_source
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = TransformerBridge.boot_native({"n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8, "d_mlp": 64,
+                                               "d_vocab": 67, "n_ctx": 64, "act_fn": "gelu"})
+    attach_source(model, ModelSource(name="native", origin="config", backend="bridge", dtype="float32",
+                                     prepend_bos=False))
+    caps = capabilities(model)
+    assert not caps.scores_are_logits and "attn.hook_attn_scores" not in caps.editable
+    tokens = torch.arange(3, 9)[None]
+    for intervention in (MaskSinkKey(from_query=2), ConstantAttentionBias(logit=0.0, from_query=2)):
+        with pytest.raises(SinkInterpError, match=rf"{type(intervention).__name__} .*attention class AttentionBridge"):
+            with intervene(model, intervention):
+                model(tokens)
+    # ...and the hand-made edit that sinkinterp refuses really does nothing there.
+    def mask(x, hook):
+        x = x.clone()
+        x[:, :, 1:, 0] = float("-inf")
+        return x
+
+    import warnings
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(model(tokens), model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_attn_scores", mask)]))
