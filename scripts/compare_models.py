@@ -112,16 +112,17 @@ def experiment_numbers(model, name: str, out: Path) -> dict:
             "seconds": results["provenance"].get("seconds")}
 
 
-def head_numbers(model) -> dict:
+def head_numbers(model, out: Path) -> dict:
     table = classify_heads(model, progress=False)
+    table.drop(columns=["labels"]).assign(labels=table["labels"].map(list)).to_json(out / "heads.json", orient="records")
     counts = {}
     for labels in table["labels"]:
         for label in labels:
             counts[label] = counts.get(label, 0) + 1
 
     def top(score):
-        return [{"head": f"L{l}H{h}", score: round(float(table[(table.layer == l) & (table.head == h)][score].iloc[0]), 3)}
-                for l, h in top_heads(table, score, 5)]
+        rows = table.set_index(["layer", "head"])
+        return [{"head": f"L{l}H{h}", score: round(float(rows.loc[(l, h), score]), 3)} for l, h in top_heads(table, score, 5)]
 
     return {"counts": counts, "induction": top("induction"), "recall": top("recall"),
             "greedy_reproduction_rate": table.attrs.get("greedy_reproduction_rate")}
@@ -143,7 +144,7 @@ def main() -> int:
     steps = [("scan", lambda: scan_numbers(model, corpus_tokens(model, 32, 64))),
              ("implicit-bias", lambda: experiment_numbers(model, "implicit-bias", args.out)),
              ("no-op", lambda: experiment_numbers(model, "no-op", args.out)),
-             ("heads", lambda: head_numbers(model))]
+             ("heads", lambda: head_numbers(model, args.out))]
     for name, step in steps:
         if name in args.skip:
             continue
