@@ -499,10 +499,18 @@ def _load_gguf(paths: list[Path], name: str, backend: str, device, dtype: torch.
 
 
 def _hf_from_folder(folder: Path):
-    """The cached transformers model, float32, eager attention (what the hooks need)."""
+    """The cached transformers model, float32, eager attention (what the hooks need), loaded
+    without transformers' per-tensor progress bar (a notebook would show it on every load)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------
