@@ -32,7 +32,9 @@ def test_implicit_bias_from_the_cli(smollm2, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "implicit-bias: " in printed and "recovery of loss" in printed
     results = json.loads((out / "results.json").read_text())
-    assert results["provenance"]["weights_sha256"] and results["provenance"]["bos_policy"]["first_token"] == "none"
+    bos = results["provenance"]["bos_policy"]
+    assert results["provenance"]["weights_sha256"] and bos["first_token"] == "default"
+    assert bos["first_token_resolved"] == "none"  # SmolLM2's own convention: no BOS
     assert results["spec"]["data"]["seq_len"] == 48
     conditions = by_name(results)
     assert len(conditions) == 8

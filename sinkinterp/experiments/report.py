@@ -228,7 +228,10 @@ def format_report(results: dict[str, Any]) -> str:
         f"TransformerLens {model.get('source', {}).get('transformer_lens', '?')}",
         f"- data: {prov['data'].get('corpus') or data['source']}: {data['n_calibration']} calibration + "
         f"{data['n_seqs']} evaluation sequences of {data['seq_len']} tokens; first token policy "
-        f"`{data['first_token']}`",
+        f"`{data['first_token']}`"
+        + (f" (the model's: `{resolved}`)" if (resolved := prov.get("bos_policy", {}).get("first_token_resolved",
+                                                                                             data["first_token"]))
+           != data["first_token"] else ""),
         f"- metrics over query positions i >= {spec['loss_from']} (predicting token i + 1); "
         f"{confidence:.0%} intervals: percentile bootstrap over sequences, {spec['bootstrap']['n_resamples']} "
         f"resamples, seed {spec['seed']}, paired across conditions",
