@@ -62,11 +62,14 @@ def scan_numbers(model, tokens) -> dict:
     alpha, share = per_sequence_alpha(model, tokens)
     out = {"n_seqs": tokens.shape[0], "seq_len": tokens.shape[1], "first_token": default_first_token(model)}
     for eps in (0.3, 0.8):
-        # The sink ratio of the sequence-averaged alpha (what SinkReport.sink_ratio reports), and its
-        # interval over sequences: each resample averages alpha over the resampled sequences first.
-        estimate = bootstrap_statistic(lambda a, eps=eps: (a.mean(dim=1) > eps).double().mean(dim=(1, 2)), alpha)
+        # Gu et al.'s sink ratio (what SinkReport.sink_ratio reports: each sequence's alpha is
+        # thresholded) with its interval over sequences, and the ratio of the mean alpha beside it.
+        estimate = bootstrap_statistic(lambda a, eps=eps: (a > eps).double().mean(dim=(1, 2, 3)), alpha)
         assert abs(estimate.value - report.sink_ratio[eps]) < 1e-9
         out[f"sink_ratio_{eps}"] = estimate.to_dict()
+        of_mean = bootstrap_statistic(lambda a, eps=eps: (a.mean(dim=1) > eps).double().mean(dim=(1, 2)), alpha)
+        assert abs(of_mean.value - report.sink_ratio_of_mean[eps]) < 1e-9
+        out[f"sink_ratio_of_mean_{eps}"] = of_mean.to_dict()
     profile = share.mean(dim=0)
     out["first_token_share"] = [round(float(v), 3) for v in profile]
     out["first_token_share_mean"] = bootstrap_statistic(lambda s: s.mean(dim=(1, 2)), share).to_dict()

@@ -121,7 +121,10 @@ def plot_alpha_heatmap(report, *, position: int = 0, title: str = ""):
     fig.colorbar(image, ax=ax, label=f"alpha at k={position}")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ratios = ", ".join(f"{report.sink_ratio_at(position, eps):.2f} at eps={eps:g}" for eps in report.eps)
+    if int(report.n_counted_at[position]) > 0:
+        ratios = ", ".join(f"{report.sink_ratio_at(position, eps):.2f} at eps={eps:g}" for eps in report.eps)
+    else:  # too few queries see this position for a per-sequence sink ratio
+        ratios = f"n/a (fewer than {report.min_queries} queries see k={position})"
     ax.set_title(title or f"sink score alpha (k={position}); sink ratio {ratios}", fontsize=9)
     return fig
 

@@ -115,6 +115,11 @@ class SinkReport:
     secondary_sinks: pd.DataFrame = field(repr=False)
     """Per sequence: positions k > 0 whose alpha in that sequence exceeds ``min(eps)`` in some head."""
     min_queries: int = 8
+    n_above: dict[float, Int[Tensor, "layer head pos"]] = field(default_factory=dict, repr=False)
+    """Per eps: in how many sequences alpha_s[l, h, k] > eps (Gu et al.'s per-sequence count).
+    Counted only where k is seen by at least ``min_queries`` queries of that sequence (k = 0 always)."""
+    n_counted_at: Int[Tensor, " pos"] | None = None
+    """How many sequences each position was counted in for :attr:`n_above`."""
     learned_sink_share: Float[Tensor, "layer head"] | None = None
     """Mean over queries i >= 1 of ``1 - sum_j A[i, j]``: attention that goes to no token. A learned
     sink logit (gpt-oss) takes part in the softmax but has no key, so its share never appears in
@@ -138,13 +143,58 @@ class SinkReport:
 
     @property
     def sink_ratio(self) -> dict[float, float]:
-        """``Sink_0^eps`` for each eps: the fraction of all heads with alpha at k = 0 above eps."""
+        """Gu et al.'s ``Sink_0^eps`` for each eps: threshold each sequence's alpha at k = 0, then
+        average the indicator over sequences, layers and heads. It does not drift with the number of
+        sequences; :attr:`sink_ratio_of_mean` (the threshold applied to the averaged alpha) does."""
         return {eps: self.sink_ratio_at(0, eps) for eps in self.eps}
 
+    @property
+    def sink_ratio_of_mean(self) -> dict[float, float]:
+        """The share of heads whose sequence-averaged alpha at k = 0 exceeds eps (not Gu et al.'s
+        rule: it moves towards 0 or 1 as sequences are added, because averaging removes spread)."""
+        return {eps: self.sink_ratio_of_mean_at(0, eps) for eps in self.eps}
+
+    def _position(self, position: int) -> int:
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < self.seq_len:
+            raise SinkInterpError(f"position {position!r} out of range: scores cover 0..{self.seq_len - 1}")
+        return position
+
+    def _eps(self, eps: float) -> float:
+        value = check_eps(eps)[0]
+        if value not in self.n_above:
+            allowed = ", ".join(f"{e:g}" for e in self.n_above)
+            raise SinkInterpError(
+                f"eps {eps!r} was not counted per sequence: this report counted eps in ({allowed}); "
+                f"pass it to sink_scores(eps=...), or use sink_ratio_of_mean_at for any eps")
+        return value
+
+    def head_sink_frequency(self, eps: float, position: int = 0) -> Float[Tensor, "layer head"]:
+        """Per head: the fraction of sequences in which alpha_s[l, h, position] > eps."""
+        position, eps = self._position(position), self._eps(eps)
+        counted = int(self.n_counted_at[position])
+        if counted == 0:
+            raise SinkInterpError(
+                f"position {position} is seen by fewer than min_queries={self.min_queries} queries in every "
+                f"sequence: its alpha is mostly self-attention; lower min_queries in sink_scores to count it")
+        return self.n_above[eps][:, :, position].double() / counted
+
     def sink_ratio_at(self, position: int, eps: float) -> float:
-        if not 0 <= position < self.seq_len:
-            raise SinkInterpError(f"position {position} out of range: scores cover 0..{self.seq_len - 1}")
-        return float((self.alpha[:, :, position] > check_eps(eps)[0]).double().mean())
+        """Gu et al.'s ``Sink_k^eps`` at key ``position``: mean over sequences, layers and heads of
+        ``1[alpha_s[l, h, k] > eps]``, over the sequences in which k is seen by at least
+        ``min_queries`` queries (k = 0 always counts)."""
+        return float(self.head_sink_frequency(eps, position).mean())
+
+    def sink_ratio_profile(self, eps: float) -> pd.Series:
+        """``Sink_k^eps`` at every position k (NaN where too few queries see k)."""
+        eps = self._eps(eps)
+        counted = self.n_counted_at.double()
+        values = self.n_above[eps].double().mean(dim=(0, 1)) / counted.clamp(min=1)
+        values = torch.where(counted > 0, values, torch.nan)
+        return pd.Series(values.numpy(), index=pd.RangeIndex(self.seq_len, name="position"), name=f"sink_{eps:g}")
+
+    def sink_ratio_of_mean_at(self, position: int, eps: float) -> float:
+        """The share of heads whose sequence-averaged alpha at ``position`` exceeds eps (any eps)."""
+        return float((self.alpha[:, :, self._position(position)] > check_eps(eps)[0]).double().mean())
 
     def strongest_heads(self, n: int = 10, position: int = 0) -> pd.DataFrame:
         """The ``n`` heads with the largest alpha at ``position``."""
@@ -210,6 +260,8 @@ class SinkReport:
             "eps": list(self.eps),
             "alpha_first": self.alpha_first.tolist(),
             "sink_ratio": {str(eps): value for eps, value in self.sink_ratio.items()},
+            "sink_ratio_definition": "Gu et al.: mean over sequences, layers, heads of 1[alpha_s[l,h,0] > eps]",
+            "sink_ratio_of_mean": {str(eps): value for eps, value in self.sink_ratio_of_mean.items()},
             "first_token_share": self.first_token_share.tolist(),
             "first_token_share_heads": self.first_token_share_heads.tolist(),
             "learned_sink_share": None if self.learned_sink_share is None else self.learned_sink_share.mean(dim=1).tolist(),
@@ -234,7 +286,7 @@ class SinkReport:
         return (
             f"SinkReport({self.n_seqs} seqs x {self.seq_len} positions, "
             f"{self.n_layers} layers x {self.n_heads} heads)\n"
-            f"  sink ratio (alpha at k=0 > eps): {ratios}\n"
+            f"  sink ratio (Gu et al., per sequence, alpha at k=0 > eps): {ratios}\n"
             f"  first-token share by layer: {shares}\n"
             f"  strongest sink heads: {heads}\n"
             f"  secondary sinks (eps={min(self.eps):g}): {len(self.secondary_sinks)} in all; {secondary}"
@@ -244,7 +296,9 @@ class SinkReport:
 class _SinkReducer(Reducer):
     def __init__(self, model, n_pos: int, eps: tuple[float, ...], min_queries: int):
         n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-        self.model, self.n_pos, self.eps_min, self.min_queries = model, n_pos, min(eps), min_queries
+        self.model, self.n_pos, self.eps, self.eps_min, self.min_queries = model, n_pos, eps, min(eps), min_queries
+        self.above_counts = {e: torch.zeros(n_layers, n_heads, n_pos, dtype=torch.long) for e in eps}
+        self.n_counted_at = torch.zeros(n_pos, dtype=torch.long)
         self.windows = attention_windows(model)
         self.alpha_sum = torch.zeros(n_layers, n_heads, n_pos, dtype=torch.float64)
         self.share_sum = torch.zeros(n_layers, n_heads, dtype=torch.float64)
@@ -259,11 +313,21 @@ class _SinkReducer(Reducer):
         super().begin(batch)
         self.n_seqs += batch.tokens.shape[0]
         self.n_seqs_at += batch.valid().sum(dim=0)
+        self.n_counted_at += self._counted(batch).sum(dim=0)
         b = batch.tokens.shape[0]
         # Running max over every (layer, head) of the per-sequence alpha, for secondary sinks.
         self.best = torch.full((b, self.n_pos), -1.0, dtype=torch.float64)
         self.best_head = torch.zeros(b, self.n_pos, dtype=torch.long)
         self.n_above = torch.zeros(b, self.n_pos, dtype=torch.long)
+
+    def _counted(self, batch: Batch, window: int | None = None) -> Tensor:
+        """[batch key]: positions counted for the per-sequence sink ratio: real positions seen by at
+        least ``min_queries`` queries, and k = 0 always (Gu et al.'s Sink_0 has no floor)."""
+        lengths = batch.lengths
+        n_queries = seen_counts(lengths, self.n_pos, window)
+        counted = (n_queries >= self.min_queries) & batch.valid()
+        counted[:, 0] = lengths > 0
+        return counted
 
     def hooks(self):
         return [(f"blocks.{layer}.attn.hook_pattern", self._hook(layer)) for layer in range(self.model.cfg.n_layers)]
@@ -284,6 +348,9 @@ class _SinkReducer(Reducer):
             real = batch.valid().to(p.device)[:, None, 1:]  # [batch 1 query]: real queries i >= 1
             missing = ((1 - p[:, :, 1:].double().sum(dim=-1)) * real).sum(dim=-1) / real.sum(dim=-1).clamp(min=1)
             self.missing_sum[layer] += missing.sum(dim=0).cpu()
+            counted = self._counted(batch).to(p.device)[:, None, :]  # [batch 1 key]
+            for e in self.eps:
+                self.above_counts[e][layer] += ((alpha > e) & counted).sum(dim=0).cpu()
 
             eligible = (positions >= 1) & (n_queries >= self.min_queries)  # [batch key]
             self.n_above += ((alpha > self.eps_min) & eligible[:, None, :]).sum(dim=1).cpu()
@@ -326,6 +393,8 @@ class _SinkReducer(Reducer):
             n_seqs_at=self.n_seqs_at,
             secondary_sinks=secondary,
             min_queries=self.min_queries,
+            n_above=self.above_counts,
+            n_counted_at=self.n_counted_at,
             learned_sink_share=self.missing_sum / self.n_seqs,
         )
 

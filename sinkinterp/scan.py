@@ -76,6 +76,8 @@ class ScanResult:
             "eps": sinks["eps"],
             "alpha_first": sinks["alpha_first"],
             "sink_ratio": sinks["sink_ratio"],
+            "sink_ratio_definition": sinks["sink_ratio_definition"],
+            "sink_ratio_of_mean": sinks["sink_ratio_of_mean"],
             "first_token_share": sinks["first_token_share"],
             "first_token_share_heads": sinks["first_token_share_heads"],
             "strongest_sink_heads": self.sinks.strongest_heads(10).to_dict(orient="records"),
@@ -99,7 +101,7 @@ class ScanResult:
         n_heads = report.n_layers * report.n_heads
         ratios = "   ".join(f"eps={eps:g}: {value:.3f}" for eps, value in report.sink_ratio.items())
         lines += [
-            f"sink ratio (share of the {n_heads} heads with alpha at k=0 > eps):  {ratios}",
+            f"sink ratio (Gu et al.: share of (sequence, head) pairs, {n_heads} heads, with alpha at k=0 > eps):  {ratios}",
             "first-token share per layer (mean attention of queries i>=1 on position 0):",
         ]
         for layer, share in enumerate(report.first_token_share.tolist()):

@@ -73,6 +73,72 @@ def test_alpha_sink_ratio_and_first_token_share_on_a_hand_built_pattern(gpt2):
     assert (report.n_seqs, report.seq_len, report.n_seqs_at.tolist()) == (3, n_pos, [3] * n_pos)
 
 
+def test_sink_ratio_thresholds_each_sequence_as_gu_et_al(gpt2):
+    # Row s of the batch gets first-token share SHARE * scale[s]; alpha_s = (1 + 7 c_s) / 8.
+    n_pos, scale = 8, torch.tensor([1.0, 0.25, 0.0, 1.0])
+
+    tokens = random_tokens(gpt2, 4, n_pos, seed=1)
+    seen: dict[int, int] = {}  # layer -> rows already served: mini-batches arrive in order
+
+    def hook(pattern, hook):
+        layer, b = hook.layer(), pattern.shape[0]
+        start = seen.get(layer, 0)
+        seen[layer] = start + b
+        rows = [sink_pattern(SHARE[layer] * float(scale[start + r]), n_pos) for r in range(b)]
+        return torch.stack(rows).to(pattern.dtype)
+
+    def scores(rows, **kwargs):
+        seen.clear()
+        with gpt2.hooks(fwd_hooks=[(lambda n: n.endswith("hook_pattern"), hook)]):
+            return sink_scores(gpt2, tokens[rows], eps=(0.3, 0.8), **kwargs)
+
+    report = scores(slice(0, 4), batch_size=3)  # two mini-batches
+    single = []
+    for s in range(4):
+        scale_s, scale = scale, scale[s:s + 1]
+        single.append(scores(slice(s, s + 1)))
+        scale = scale_s
+    per_seq = (1 + 7 * SHARE.double()[None] * scale.double()[:, None, None]) / 8  # [seq layer head]
+    for eps in (0.3, 0.8):
+        gu = float((per_seq > eps).double().mean())
+        assert report.sink_ratio[eps] == pytest.approx(gu)
+        # Gu's statistic is the mean of the one-sequence ratios; the ratio of the mean alpha is not.
+        assert report.sink_ratio[eps] == pytest.approx(sum(r.sink_ratio[eps] for r in single) / 4)
+        assert report.sink_ratio_of_mean[eps] == pytest.approx(float((per_seq.mean(0) > eps).double().mean()))
+        torch.testing.assert_close(report.head_sink_frequency(eps), (per_seq > eps).double().mean(0))
+    assert report.sink_ratio == pytest.approx({0.3: 12 / 32, 0.8: 4 / 32})  # 5 + 2 + 0 + 5; 2 + 0 + 0 + 2
+    assert report.sink_ratio_of_mean == pytest.approx({0.3: 4 / 8, 0.8: 0 / 8})
+    assert report.to_dict()["sink_ratio_of_mean"] == {"0.3": 0.5, "0.8": 0.0}
+    with pytest.raises(SinkInterpError, match=r"eps 0.5 was not counted per sequence.*\(0.3, 0.8\)"):
+        report.sink_ratio_at(0, 0.5)
+    assert report.sink_ratio_of_mean_at(0, 0.5) == pytest.approx(float((per_seq.mean(0) > 0.5).double().mean()))
+
+
+def test_sink_ratio_at_later_positions_has_a_query_floor(gpt2):
+    # Each query i >= 1 puts 0.5 on key 0 and 0.5 on itself, so alpha_s[k] = 0.5 / (16 - k) for k >= 1:
+    # 0.5, 0.25, 0.167 at the last three positions, self-attention that Sink_k without a floor counts.
+    def self_and_sink(pattern, hook):
+        n = pattern.shape[-1]
+        rows = 0.5 * torch.eye(n)
+        rows[:, 0] += 0.5
+        rows[0, 0] = 1.0
+        return rows.expand_as(pattern).clone()
+
+    tokens = random_tokens(gpt2, 2, 16, seed=0)
+    with gpt2.hooks(fwd_hooks=[(lambda n: n.endswith("hook_pattern"), self_and_sink)]):
+        floored = sink_scores(gpt2, tokens, eps=(0.15,), min_queries=4)
+        bare = sink_scores(gpt2, tokens, eps=(0.15,), min_queries=1)
+    assert [bare.sink_ratio_at(k, 0.15) for k in (0, 12, 13, 14, 15)] == [1.0, 0.0, 1.0, 1.0, 1.0]
+    profile = floored.sink_ratio_profile(0.15)
+    assert profile.index.name == "position" and len(profile) == 16
+    assert profile.iloc[13:].isna().all()  # seen by 3, 2, 1 queries
+    assert profile.iloc[:13].tolist() == [1.0] + [0.0] * 12
+    with pytest.raises(SinkInterpError, match="position 15 is seen by fewer than min_queries=4 queries"):
+        floored.sink_ratio_at(15, 0.15)
+    with pytest.raises(SinkInterpError, match="position 16 out of range"):
+        floored.sink_ratio_at(16, 0.15)
+
+
 def test_report_views_agree_with_alpha(gpt2):
     tokens = random_tokens(gpt2, 2, 8, seed=1)
     with gpt2.hooks(fwd_hooks=set_pattern(SHARE)):

@@ -298,10 +298,14 @@ def test_sink_ratio_statistic_on_hand_built_alpha():
     alpha[:, 0, 0] = 0.9
     alpha[:, 1, 2] = torch.tensor([0.1, 0.2, 0.5, 0.6])  # mean 0.35 > 0.3
     stats = _Stats(spec, {"alpha_first": alpha.tolist()})
-    assert stats.value({"alpha_first": alpha.tolist()}, "sink_ratio").value == pytest.approx(2 / 6)
+    # Gu et al.: L0H0 passes in 4/4 sequences, L1H2 in 2/4: (1 + 0.5) / 6 heads.
+    assert stats.value({"alpha_first": alpha.tolist()}, "sink_ratio").value == pytest.approx(1.5 / 6)
+    # The ratio of the mean alpha: both heads' means pass.
+    assert stats.value({"alpha_first": alpha.tolist()}, "sink_ratio_of_mean").value == pytest.approx(2 / 6)
     half = alpha.clone()
     half[:, 0, 0] = 0.2
     assert stats.delta({"alpha_first": half.tolist()}, "sink_ratio").value == pytest.approx(-1 / 6)
+    assert stats.delta({"alpha_first": half.tolist()}, "sink_ratio_of_mean").value == pytest.approx(-1 / 6)
 
 
 @pytest.mark.parametrize("kind, estimate, threshold, outcome", [

@@ -26,13 +26,15 @@ PASS, FAIL, OPEN = "pass", "fail", "inconclusive"
 
 def _statistic(metric: str, eps: float) -> Callable[[Tensor], Tensor]:
     """Per-sequence arrays [R, n, ...] -> one number per resample [R]."""
-    if metric == "sink_ratio":
-        return lambda alpha: (alpha.mean(dim=1) > eps).double().mean(dim=(-2, -1))  # fraction of heads
+    if metric == "sink_ratio":  # Gu et al.: threshold each sequence's alpha, then average
+        return lambda alpha: (alpha > eps).double().mean(dim=(-2, -1)).mean(dim=1)
+    if metric == "sink_ratio_of_mean":  # the share of heads whose resample-averaged alpha passes
+        return lambda alpha: (alpha.mean(dim=1) > eps).double().mean(dim=(-2, -1))
     return lambda x: x.mean(dim=1)
 
 
 def _series(per_sequence: dict, metric: str) -> Tensor:
-    key = "alpha_first" if metric == "sink_ratio" else metric
+    key = "alpha_first" if metric.startswith("sink_ratio") else metric
     return torch.tensor(per_sequence[key], dtype=torch.float64)
 
 
@@ -209,7 +211,8 @@ def _signed(record: dict, digits: int = 3) -> str:
     return f"{record['value']:+.{digits}f} [{record['low']:+.{digits}f}, {record['high']:+.{digits}f}]"
 
 
-_LABELS = {"loss": "loss (nats)", "kl": "KL to clean", "accuracy": "top-1 accuracy", "sink_ratio": "sink ratio"}
+_LABELS = {"loss": "loss (nats)", "kl": "KL to clean", "accuracy": "top-1 accuracy",
+           "sink_ratio": "sink ratio (Gu et al.)", "sink_ratio_of_mean": "sink ratio of the mean alpha"}
 
 
 def format_report(results: dict[str, Any]) -> str:

@@ -243,7 +243,7 @@ class _Evaluator:
     def run(self, interventions: list, first_token: Tensor | None = None, clean: bool = False) -> dict[str, Tensor]:
         out: dict[str, list[Tensor]] = {}
         alpha: list[Tensor] = []
-        want_alpha = "sink_ratio" in self.metrics or clean
+        want_alpha = any(m.startswith("sink_ratio") for m in self.metrics) or clean
         with torch.inference_mode():
             for begin, rows in self.batches():
                 batch = self.tokens[rows]

@@ -30,7 +30,7 @@ __all__ = [
 SPEC_DIR = Path(__file__).with_name("specs")
 
 #: Per-sequence metrics a runner can compute; the first is always computed.
-METRICS = ("loss", "kl", "accuracy", "sink_ratio")
+METRICS = ("loss", "kl", "accuracy", "sink_ratio", "sink_ratio_of_mean")
 MEASUREMENTS = ("value_weighted",)
 SWEEPS = ("layers", "heads")
 DATA_SOURCES = ("corpus", "random")
