@@ -380,7 +380,8 @@ def _view_args(parser: argparse.ArgumentParser) -> None:
                         help="drop the sink column and renormalise each row over the other keys")
     parser.add_argument("--compare", type=_intervention, action="append", metavar="RECORD",
                         help="show each head clean and under this intervention, e.g. "
-                             "--compare '{type: MaskSinkKey}' (repeatable: all apply together)")
+                             "--compare '{type: MaskSinkKey, from_query: 4}' (repeatable: all apply together; "
+                             "from_query must be inside the prompt)")
     parser.add_argument("--label", default="intervened", help="name of the intervened run in --compare views")
     parser.add_argument("--max-tokens", type=int, default=256, help="refuse longer prompts (default 256)")
     parser.add_argument("--title", help="page title")

@@ -65,6 +65,26 @@ def _freeze(value):
     return value
 
 
+def _frozen(owner, name: str, *, minus_inf: bool = False):
+    """``owner.<name>`` frozen to nested tuples, refusing anything but finite numbers in it (a NaN
+    or inf stored in an intervention would reach the logits and then results.json as bare NaN).
+    ``minus_inf``: -inf is allowed too (a slot logit of -inf is a head without a slot)."""
+    value = _freeze(getattr(owner, name))
+
+    def check(leaf):
+        if isinstance(leaf, tuple):
+            for item in leaf:
+                check(item)
+        elif (isinstance(leaf, bool) or not isinstance(leaf, (int, float))
+              or not (math.isfinite(leaf) or (minus_inf and leaf == -math.inf))):
+            allowed = "finite numbers or -inf" if minus_inf else "finite numbers"
+            raise SinkInterpError(f"{type(owner).__name__} {name} holds {leaf!r}: only {allowed} are allowed")
+
+    if value is not None:
+        check(value)
+    return value
+
+
 def _thaw(value):
     if isinstance(value, tuple):
         return [_thaw(v) for v in value]
@@ -135,9 +155,13 @@ def _check_position(model, position: int) -> None:
         raise SinkInterpError(f"position {position} out of range: model context is 0..{model.cfg.n_ctx - 1}")
 
 
-def _check_seq(position: int, n_pos: int, what: str) -> None:
+def _check_seq(position: int, n_pos: int, what: str, from_query: int | None = None) -> None:
     if position >= n_pos:
         raise SinkInterpError(f"{what} position {position} is beyond this input's {n_pos} positions")
+    if from_query is not None and from_query >= n_pos:
+        raise SinkInterpError(
+            f"{what} from_query {from_query} is beyond this input's {n_pos} positions: it would act on no "
+            f"query and leave the output exactly clean; use from_query < {n_pos} or longer inputs")
 
 
 def _check_shape(label: str, value, expected: tuple[int, ...]) -> None:
@@ -236,9 +260,14 @@ class Intervention:
 
 
 def _norm_common(self, *, heads: bool = True) -> None:
-    object.__setattr__(self, "layers", _ints("layers", self.layers))
-    if heads:
-        object.__setattr__(self, "heads", _ints("heads", self.heads))
+    names = ("layers", "heads") if heads else ("layers",)
+    for name in names:
+        values = _ints(name, getattr(self, name))
+        if values == ():
+            raise SinkInterpError(
+                f"{type(self).__name__} {name} is empty: it would act nowhere and leave the output exactly "
+                f"clean; name at least one, or None for all")
+        object.__setattr__(self, name, values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +317,7 @@ class MaskSinkKey(Intervention):
         remove = _key_masker(heads, model.cfg.n_heads, self.position, self.from_query)
 
         def mask(scores, hook):
-            _check_seq(self.position, scores.shape[-1], "MaskSinkKey")
+            _check_seq(self.position, scores.shape[-1], "MaskSinkKey", self.from_query)
             return remove(scores)
 
         return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in layers]
@@ -324,7 +353,7 @@ class AblateSinkValue(Intervention):
         _check_mode("AblateSinkValue", self.mode, self.MODES)
         check_int("position", self.position)
         _check_from_query(self.from_query, self.position)
-        object.__setattr__(self, "value", _freeze(self.value))
+        object.__setattr__(self, "value", _frozen(self, "value"))
         if self.mode == "zero" and self.value is not None:
             raise SinkInterpError("AblateSinkValue mode 'zero' takes no value")
         if self.mode != "zero" and self.value is None:
@@ -359,7 +388,7 @@ class AblateSinkValue(Intervention):
             state: dict[str, Tensor] = {}
 
             def keep_v(v, hook, state=state):
-                _check_seq(p, v.shape[1], "AblateSinkValue")
+                _check_seq(p, v.shape[1], "AblateSinkValue", fq)
                 state["v"] = v[:, p]  # [batch kv d_head]
 
             def keep_a(pattern, hook, state=state):
@@ -442,7 +471,7 @@ class ReplaceSinkKey(Intervention):
         _norm_common(self)
         _check_mode("ReplaceSinkKey", self.mode, self.MODES)
         check_int("position", self.position)
-        object.__setattr__(self, "key", _freeze(self.key))
+        object.__setattr__(self, "key", _frozen(self, "key"))
 
     @classmethod
     def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, mode: str = "mean_other", layers=None,
@@ -531,9 +560,11 @@ class EditMassiveChannels(Intervention):
         object.__setattr__(self, "positions", _ints("positions", self.positions))
         _norm_common(self, heads=False)
         _check_mode("EditMassiveChannels", self.mode, self.MODES)
-        object.__setattr__(self, "values", _freeze(self.values))
-        if not self.positions:
-            raise SinkInterpError("EditMassiveChannels positions is empty")
+        object.__setattr__(self, "values", _frozen(self, "values"))
+        for name in ("channels", "positions"):
+            if getattr(self, name) == ():
+                raise SinkInterpError(f"EditMassiveChannels {name} is empty: it would act nowhere and leave the "
+                                      f"output exactly clean; name at least one")
         if (self.mode == "scale") != (self.factor is not None):
             raise SinkInterpError("EditMassiveChannels takes factor with mode 'scale' and only then")
         if self.mode == "scale":
@@ -668,7 +699,7 @@ class PatchFirstTokenResidual(Intervention):
         if self.hook not in _RESID_HOOKS:
             raise SinkInterpError(f"hook {self.hook!r} is not one of {', '.join(map(repr, _RESID_HOOKS))}")
         check_int("position", self.position)
-        object.__setattr__(self, "source", _freeze(self.source))
+        object.__setattr__(self, "source", _frozen(self, "source"))
 
     @classmethod
     def fit(cls, model, source, *, reference: Tensor | None = None, layers=None, hook: str = "resid_pre",
@@ -763,13 +794,13 @@ class ConstantAttentionBias(Intervention):
         _norm_common(self)
         check_int("position", self.position)
         _check_from_query(self.from_query, self.position)
-        logit = _freeze(self.logit)
+        logit = _frozen(self, "logit", minus_inf=True)
         if isinstance(logit, int):
             logit = float(logit)
         if not isinstance(logit, (float, tuple)):
             raise SinkInterpError(f"logit must be a number or [layers][heads] numbers, got {self.logit!r}")
         object.__setattr__(self, "logit", logit)
-        object.__setattr__(self, "value", _freeze(self.value))
+        object.__setattr__(self, "value", _frozen(self, "value"))
 
     def _tensors(self, model) -> tuple[list[int], list[int], Tensor, Tensor | None]:
         layers, heads = _layers(model, self.layers), _heads(model, self.heads)
@@ -809,7 +840,7 @@ def _bias_hooks(model, layers, heads, logit: Tensor, value: Tensor | None, repla
         state: dict[str, Tensor] = {}
 
         def on_scores(scores, hook, state=state):
-            _check_seq(position, scores.shape[-1], "ConstantAttentionBias")
+            _check_seq(position, scores.shape[-1], "ConstantAttentionBias", fq)
             if replace_sink:
                 scores = remove(scores)
             state["scores"] = scores
@@ -1002,11 +1033,14 @@ class AblateHeads(Intervention):
                     or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
                 raise SinkInterpError(f"AblateHeads heads must be integer (layer, head) pairs, got {pair!r}")
             pairs.append((pair[0], pair[1]))
+        if not pairs:
+            raise SinkInterpError("AblateHeads heads is empty: it would act nowhere and leave the output exactly "
+                                  "clean; name at least one (layer, head) pair")
         if len(set(pairs)) != len(pairs):
             raise SinkInterpError(f"AblateHeads heads {self.heads!r} repeats a head")
         object.__setattr__(self, "heads", tuple(pairs))
         check_int("from_query", self.from_query)
-        object.__setattr__(self, "value", _freeze(self.value))
+        object.__setattr__(self, "value", _frozen(self, "value"))
         if self.mode == "zero" and self.value is not None:
             raise SinkInterpError("AblateHeads mode 'zero' takes no value")
         if self.mode == "mean" and self.value is None and self.heads:

@@ -95,6 +95,8 @@ def test_view_writes_a_page_of_the_chosen_heads(smollm2, tmp_path, capsys):
         (["--out", "view.txt"], "--out must name an .html file, got 'view.txt'"),
         (["--layers", "30", "--out", "v.html"], "layer 30 out of range: model has 30 layers (0..29)"),
         (["--max-tokens", "3", "--out", "v.html"], "is too many for an attention view (limit 3)"),
+        # The help's own example on a prompt of 16 tokens or fewer would compare clean with clean.
+        (["--compare", "{type: MaskSinkKey}", "--out", "v.html"], "from_query 16 is beyond this input's"),
     ],
 )
 def test_view_bad_input_is_a_clear_error(smollm2, tmp_path, capsys, monkeypatch, extra, message):

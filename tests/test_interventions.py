@@ -362,12 +362,44 @@ def test_values_that_do_not_fit_the_model_are_refused(llama, build, message):
         (lambda: EditMassiveChannels(channels=(1, 1)), "channels (1, 1) repeats an entry"),
         (lambda: PatchFirstTokenResidual(hook="attn_out"), "hook 'attn_out' is not one of 'resid_pre'"),
         (lambda: MaskSinkKey(layers=[0.5]), "layers must be integers, got 0.5"),
+        # Interventions that would act nowhere, and values that are not finite numbers.
+        (lambda: MaskSinkKey(layers=[]), "MaskSinkKey layers is empty: it would act nowhere"),
+        (lambda: AblateSinkValue(heads=()), "AblateSinkValue heads is empty: it would act nowhere"),
+        (lambda: ConstantAttentionBias(layers=(), logit=1.0), "ConstantAttentionBias layers is empty"),
+        (lambda: EditMassiveChannels(channels=()), "EditMassiveChannels channels is empty"),
+        (lambda: AblateHeads(heads=[], mode="zero"), "AblateHeads heads is empty"),
+        (lambda: ConstantAttentionBias(logit=float("nan")), "ConstantAttentionBias logit holds nan: only finite numbers or -inf"),
+        (lambda: ConstantAttentionBias(logit=float("inf")), "logit holds inf"),
+        (lambda: ConstantAttentionBias(logit=1.0, value=[[[float("nan")] * 8] * 6] * 2), "value holds nan: only finite numbers are allowed"),
+        (lambda: AblateSinkValue(mode="mean", value=torch.full((2, 6, 8), float("inf"))), "AblateSinkValue value holds inf"),
+        (lambda: EditMassiveChannels(channels=(3,), mode="scale", factor=float("nan")), "factor must be a finite number, got nan"),
+        (lambda: AblateHeads(heads=[(0, 1)], value=[[float("-inf")] * 8]), "AblateHeads value holds -inf"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(build, message):
     with pytest.raises(SinkInterpError) as error:
         build()
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: MaskSinkKey(from_query=20),
+    lambda: AblateSinkValue(from_query=25),
+    lambda: ConstantAttentionBias(logit=2.0, from_query=20),
+])
+def test_an_intervention_that_would_act_on_no_query_is_refused_and_leaves_no_hook(llama, tokens, build):
+    # tokens have 20 positions: from_query >= 20 would leave every row clean.
+    intervention = build()
+    with pytest.raises(SinkInterpError, match=r"from_query \d+ is beyond this input's 20 positions: it would act on no query"):
+        with intervene(llama, intervention):
+            llama(tokens)
+    assert n_hooks(llama) == 0
+    longer = random_tokens(llama, 2, 32, seed=3)  # on longer inputs the same intervention acts
+    clean = llama(longer)
+    with intervene(llama, intervention):
+        edited = llama(longer)
+    fq = intervention.from_query
+    assert torch.equal(edited[:, :fq], clean[:, :fq]) and not torch.allclose(edited[:, fq:], clean[:, fq:])
 
 
 def test_bad_sources_and_fits_are_refused(llama, tokens):

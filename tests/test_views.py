@@ -54,6 +54,9 @@ def test_compare_view_puts_clean_and_intervened_side_by_side(tiny):
     torch.testing.assert_close(masked[:4], clean[:4])  # rows before from_query are untouched
     with pytest.raises(SinkInterpError, match="needs at least one intervention"):
         compare_view(tiny, tokens, [])
+    # The default from_query (16) on a 12-token prompt would show two identical panels.
+    with pytest.raises(SinkInterpError, match="from_query 16 is beyond this input's 12 positions"):
+        compare_view(tiny, tokens, [MaskSinkKey()])
 
 
 def test_saved_page_is_offline_and_treats_tokens_as_data(tmp_path):
