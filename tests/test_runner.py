@@ -158,6 +158,52 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, monkeypatch):
     assert _results(cut) == _results(tmp_path / "full")
 
 
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    from sinkinterp._io import locked_folder
+
+    spec, out = ExperimentSpec.from_dict(SPEC), tmp_path / "out"
+    with locked_folder(out):  # as a first run holds it while it writes
+        with pytest.raises(SinkInterpError, match=r"is in use by another sinkinterp run \(pid \d+\)"):
+            run_experiment(spec, out, model=tiny_llama(), log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the refused run wrote nothing
+    # A holder that is killed leaves no stale lock: the operating system drops it with the process.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(SinkInterpError, match="is in use by another"):
+        run_experiment(spec, out, model=tiny_llama(), log=quiet)
+    holder.kill()
+    holder.wait()
+    run_experiment(spec, out, model=tiny_llama(), log=quiet)
+    assert (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda text: text.replace('"loss": [\n', '"loss": [\n        9.5,\n', 1), "does not match its checksum"),
+    (lambda text: "[]", "not a record (a JSON list)"),
+    (lambda text: "null", "not a record (a JSON NoneType)"),
+    (lambda text: text[:40] + "\udcff" + text[40:], "not UTF-8"),
+    (lambda text: text[: len(text) // 2], "not JSON"),
+])
+def test_resume_recomputes_records_that_do_not_verify(tmp_path, damage, why):
+    spec = ExperimentSpec.from_dict(SPEC)
+    run_experiment(spec, tmp_path / "full", model=tiny_llama(), log=quiet)
+    cut = tmp_path / "cut"
+    run_experiment(spec, cut, model=tiny_llama(), log=quiet)
+    target = cut / "conditions" / "01-slot.json"
+    target.write_bytes(damage(target.read_text()).encode("utf-8", "surrogateescape"))
+    lines = []
+    run_experiment(spec, cut, model=tiny_llama(), resume=True, log=lines.append)
+    assert any(line.startswith(f"recomputing conditions/01-slot.json: it {why}") for line in lines), lines
+    reused = [line for line in lines if "done earlier" in line and "measurements" not in line]
+    assert len(reused) == len(spec.conditions) - 1 and not any("01-slot" in line for line in reused)
+    assert _results(cut) == _results(tmp_path / "full")  # the damaged record did not reach the results
+    from sinkinterp._io import read_record
+
+    assert read_record(target)[1] == ""  # rewritten whole
+
+
 def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sinkinterp._io import atomic_write_json
+from sinkinterp._io import check_writable_folder, locked_folder, read_record, write_record
 from sinkinterp.backends import attention_windows
 from sinkinterp.data import resolve_first_token
 from sinkinterp.metrics import alpha_at
@@ -335,34 +335,37 @@ class Prepared:
         self.evaluator = _Evaluator(model, spec, self.evaluation)
 
 
-def _check_out(spec: ExperimentSpec, out: Path | None, resume: bool) -> None:
-    if out is None:
-        return
-    if out.exists() and not out.is_dir():
-        raise SinkInterpError(f"--out {str(out)!r} exists and is not a folder")
+def _check_out(spec: ExperimentSpec, out: Path, resume: bool) -> None:
+    """With the folder locked: refuse to mix runs. A folder that holds a run is continued only with
+    ``resume`` and the same spec fingerprint."""
     saved = out / "spec.json"
-    if saved.exists():
-        try:
-            previous = json.loads(saved.read_text())
-        except json.JSONDecodeError:
-            previous = {}
-        if not resume:
-            raise SinkInterpError(f"{out} already holds results: pass --resume to continue that run, or another --out")
-        if previous.get("fingerprint") != spec.fingerprint():
-            raise SinkInterpError(
-                f"{out} holds a run of a different spec (fingerprint {str(previous.get('fingerprint'))[:12]}, "
-                f"this spec {spec.fingerprint()[:12]}): use another --out, or the same spec and overrides to resume"
-            )
+    if not saved.exists():
+        return
+    if not resume:
+        raise SinkInterpError(f"{out} already holds results: pass --resume to continue that run, or another --out")
+    previous, why = read_record(saved)
+    if previous is None:
+        raise SinkInterpError(f"{saved} {why}: cannot tell which spec that run used; use another --out")
+    if previous.get("fingerprint") != spec.fingerprint():
+        raise SinkInterpError(
+            f"{out} holds a run of a different spec (fingerprint {str(previous.get('fingerprint'))[:12]}, "
+            f"this spec {spec.fingerprint()[:12]}): use another --out, or the same spec and overrides to resume"
+        )
 
 
-def _load_done(path: Path, fingerprint: str) -> dict | None:
-    if not path.exists():
+def _load_done(path: Path | None, fingerprint: str, resume: bool, log) -> dict | None:
+    """A record written earlier by this spec, verified by its checksum; None (recompute) otherwise,
+    saying why when a file was there but cannot be trusted."""
+    if not resume or path is None or not path.exists():
         return None
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    record, why = read_record(path)
+    if record is None:
+        log(f"recomputing {path.parent.name}/{path.name}: it {why}")
         return None
-    return record if record.get("fingerprint") == fingerprint else None
+    if record.get("fingerprint") != fingerprint:
+        log(f"recomputing {path.parent.name}/{path.name}: it belongs to another spec")
+        return None
+    return record
 
 
 def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model=None, resume: bool = False,
@@ -370,14 +373,27 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
     """Run ``spec``; with ``out``, write every result there (see the module docstring).
 
     ``model``: an already loaded model to use instead of loading ``spec.model``. Returns the
-    results record (the content of ``results.json``).
+    results record (the content of ``results.json``). The folder is locked for the whole run: a
+    second run into the same ``out`` is refused while the first is writing. With ``resume``, each
+    saved record is checked against its checksum; one that does not verify (edited, truncated,
+    damaged) is recomputed, and the log says so.
     """
-    from sinkinterp.experiments.report import assemble, write_outputs
-
     if not isinstance(spec, ExperimentSpec):
         raise SinkInterpError(f"run_experiment takes an ExperimentSpec (see load_spec), got {type(spec).__name__}")
-    out = None if out is None else Path(out)
-    _check_out(spec, out, resume)
+    if out is None:
+        return _run(spec, None, model, resume, progress, log)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SinkInterpError(f"--out {str(out)!r} exists and is not a folder")
+    check_writable_folder(out, "--out")
+    with locked_folder(out, "sinkinterp run"):
+        _check_out(spec, out, resume)
+        return _run(spec, out, model, resume, progress, log)
+
+
+def _run(spec: ExperimentSpec, out: Path | None, model, resume: bool, progress: bool | None, log) -> dict[str, Any]:
+    from sinkinterp.experiments.report import assemble, write_outputs
+
     progress = _show_progress() if progress is None else progress
     if model is None:
         from sinkinterp.models import load_model
@@ -388,21 +404,21 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
     fingerprint = spec.fingerprint()
     started = time.perf_counter()
     if out is not None:
-        atomic_write_json(out / "spec.json", {"fingerprint": fingerprint, "spec": spec.to_dict()})
+        write_record(out / "spec.json", {"fingerprint": fingerprint, "spec": spec.to_dict()})
 
     log(f"[{spec.name}] clean run on {tuple(run.evaluation.shape)} evaluation tokens")
     clean = _lists(run.evaluator.run([], clean=True))
     if out is not None:
-        previous = _load_done(out / "clean.json", fingerprint)
+        previous = _load_done(out / "clean.json", fingerprint, resume, log)
         if previous is not None and previous["per_sequence"]["loss"] != clean["loss"]:
             raise SinkInterpError(f"{out}/clean.json differs from this clean run: the model or data changed; "
                                   "use another --out")
-        atomic_write_json(out / "clean.json", {"fingerprint": fingerprint, "per_sequence": clean})
+        write_record(out / "clean.json", {"fingerprint": fingerprint, "per_sequence": clean})
 
     records = []
     for index, condition in enumerate(spec.conditions):
         path = None if out is None else condition_file(out, index, condition)
-        done = _load_done(path, fingerprint) if (resume and path is not None) else None
+        done = _load_done(path, fingerprint, resume, log)
         if done is not None:
             log(f"[{spec.name}] {condition.name}: done earlier, reusing {path.name}")
             records.append(done)
@@ -412,8 +428,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
         record.update(fingerprint=fingerprint, seconds=round(time.perf_counter() - start, 2))
         log(f"[{spec.name}] {condition.name}: {record['seconds']:.1f} s")
         if path is not None:
-            atomic_write_json(path, record)
-            record = json.loads(path.read_text())  # the same floats a resumed run reads back
+            record = write_record(path, record)  # the same floats a resumed run reads back
         records.append(record)
 
     measurements = _measurements(run, clean, out, fingerprint, resume, log)
@@ -464,7 +479,7 @@ def _measurements(run: Prepared, clean: dict, out: Path | None, fingerprint: str
     if not run.spec.measurements:
         return {}
     path = None if out is None else out / "measurements.json"
-    done = _load_done(path, fingerprint) if (resume and path is not None) else None
+    done = _load_done(path, fingerprint, resume, log)
     if done is not None:
         log(f"[{run.spec.name}] measurements: done earlier, reusing {path.name}")
         return done["measurements"]
@@ -473,8 +488,7 @@ def _measurements(run: Prepared, clean: dict, out: Path | None, fingerprint: str
         log(f"[{run.spec.name}] value-weighted sink shares, one sequence at a time")
         measured["value_weighted"] = _value_weighted(run, clean)
     if path is not None:
-        atomic_write_json(path, {"fingerprint": fingerprint, "measurements": measured})
-        measured = json.loads(path.read_text())["measurements"]
+        measured = write_record(path, {"fingerprint": fingerprint, "measurements": measured})["measurements"]
     return measured
 
 
