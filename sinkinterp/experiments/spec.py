@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-import yaml
+from sinkinterp._yaml import check_finite, read_yaml_file
+from sinkinterp.experiments.stats import MAX_RESAMPLES
 
 from sinkinterp.errors import SinkInterpError
 
@@ -134,6 +135,7 @@ class ExperimentSpec:
 
     @classmethod
     def from_dict(cls, record: Any) -> ExperimentSpec:
+        check_finite(record, "spec")
         spec = _build(cls, record, "spec")
         _validate(spec)
         return spec
@@ -263,8 +265,8 @@ def _validate(spec: ExperimentSpec) -> None:
     for i, name in enumerate(spec.measurements):
         if name not in MEASUREMENTS:
             _fail(f"spec.measurements[{i}]", f"unknown measurement {name!r}; allowed: {', '.join(MEASUREMENTS)}")
-    if spec.bootstrap.n_resamples < 100:
-        _fail("spec.bootstrap.n_resamples", f"must be >= 100, got {spec.bootstrap.n_resamples}")
+    if not 100 <= spec.bootstrap.n_resamples <= MAX_RESAMPLES:
+        _fail("spec.bootstrap.n_resamples", f"must be in 100..{MAX_RESAMPLES}, got {spec.bootstrap.n_resamples}")
     if not 0 < spec.bootstrap.confidence < 1:
         _fail("spec.bootstrap.confidence", f"{spec.bootstrap.confidence} is outside (0, 1)")
     if not spec.conditions:
@@ -384,9 +386,5 @@ def load_spec(spec_or_name: str | Path, overrides: dict[str, Any] | None = None)
         raise SinkInterpError(
             f"no spec file {str(spec_or_name)!r} and no built-in spec of that name; built-in: {', '.join(builtin)}"
         )
-    try:
-        record = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SinkInterpError(f"{path} is not valid YAML: {e}") from None
-    spec = ExperimentSpec.from_dict(record)
+    spec = ExperimentSpec.from_dict(read_yaml_file(path))
     return spec.with_overrides(overrides) if overrides else spec

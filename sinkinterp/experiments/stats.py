@@ -17,6 +17,9 @@ from torch import Tensor
 
 from sinkinterp.errors import SinkInterpError
 
+#: Most bootstrap resamples: each resample holds a row of n sequence indices (int64) and values.
+MAX_RESAMPLES = 100_000
+
 __all__ = ["Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference", "recovery_fraction"]
 
 
@@ -48,8 +51,8 @@ def _check(values, name: str) -> Tensor:
 
 
 def _check_options(n_resamples: int, confidence: float) -> None:
-    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or n_resamples < 100:
-        raise SinkInterpError(f"n_resamples must be an integer >= 100, got {n_resamples!r}")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or not 100 <= n_resamples <= MAX_RESAMPLES:
+        raise SinkInterpError(f"n_resamples must be an integer in 100..{MAX_RESAMPLES}, got {n_resamples!r}")
     if not 0 < confidence < 1:
         raise SinkInterpError(f"confidence {confidence!r} is outside (0, 1)")
 
