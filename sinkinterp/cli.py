@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,13 +61,27 @@ def format_info(info: dict) -> str:
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 
 
-def _info(args) -> int:
+def write_json_or_rescue(path, record: dict) -> None:
+    """Write ``record`` to ``path`` atomically; if that fails (a full disk, a folder removed since
+    the checks), save it in the temporary folder instead and say where, so the work is not lost."""
+    import tempfile
+
     from sinkinterp._io import atomic_write_json
 
+    try:
+        atomic_write_json(path, record)
+    except OSError as e:
+        fd, rescue = tempfile.mkstemp(prefix=f"sinkinterp-{Path(path).stem}-", suffix=".json")
+        os.close(fd)
+        atomic_write_json(rescue, record)
+        raise SinkInterpError(f"cannot write {str(path)!r} ({e.strerror}); the results were saved to {rescue}") from None
+    print(f"wrote {path}")
+
+
+def _info(args) -> int:
     _, info = _load_and_describe(args)
     if args.json:
-        atomic_write_json(args.json, info)
-        print(f"wrote {args.json}")
+        write_json_or_rescue(args.json, info)
     return 0
 
 
@@ -88,14 +103,11 @@ def _scan_and_print(model, args):
 
 
 def _scan(args) -> int:
-    from sinkinterp._io import atomic_write_json
-
     model, _ = _load_and_describe(args)
     print()
     result, tokens = _scan_and_print(model, args)
     if args.json:
-        atomic_write_json(args.json, result.to_dict())
-        print(f"wrote {args.json}")
+        write_json_or_rescue(args.json, result.to_dict())
     if args.figures:
         _write_figures(_scan_figure_set(model, tokens, result, args.batch_size), args.figures)
     return 0
@@ -177,12 +189,15 @@ def format_verdicts(results: dict) -> str:
 
 
 def _override(text: str) -> tuple[str, object]:
-    import yaml
+    from sinkinterp._yaml import load_yaml
 
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. data.seq_len=64), got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, load_yaml(value, f"--set {key}")
+    except SinkInterpError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _run(args) -> int:
@@ -193,6 +208,8 @@ def _run(args) -> int:
             spec = load_spec(path)
             print(f"{name:<16} {len(spec.conditions)} conditions  {' '.join(spec.description.split())[:90]}")
         return 0
+    if args.show is not None:
+        return _show_spec(args)
     if args.spec is None:
         raise SinkInterpError("name a spec file or a built-in spec (see sinkinterp run --list)")
     overrides = dict(args.set or [])
@@ -213,6 +230,25 @@ def _run(args) -> int:
             print(f"wrote {atomic_write_bytes(Path(args.figures) / path.name, path.read_bytes())}")
         if any("metrics" in c for c in results["conditions"]):
             _write_figures({"intervention_effects": plot_intervention_effects(results)}, args.figures)
+    return 0
+
+
+def _show_spec(args) -> int:
+    """Print a spec as a template: a built-in spec's own file (with its comments), or with --set
+    overrides (or a spec file) the resolved spec, every default filled in."""
+    import yaml
+
+    from sinkinterp.experiments import builtin_specs, load_spec
+
+    if args.spec is not None:
+        raise SinkInterpError(f"--show takes the spec itself (--show {args.show} or --show {args.spec}), not both")
+    builtin = builtin_specs()
+    overrides = dict(args.set or [])
+    spec = load_spec(args.show, overrides)  # validates, and names the built-in specs if none matches
+    if args.show in builtin and not overrides:
+        print(builtin[args.show].read_text(encoding="utf-8"), end="")
+    else:
+        print(yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True), end="")
     return 0
 
 
@@ -243,7 +279,7 @@ def format_heads(table, *, everything: bool = False) -> str:
 def _heads(args) -> int:
     import math
 
-    from sinkinterp._io import atomic_write_bytes, atomic_write_json
+    from sinkinterp._io import atomic_write_bytes
     from sinkinterp.heads import classify_heads, qk_by_label, validate_heads
     from sinkinterp.scan import describe_model, package_versions
 
@@ -289,8 +325,7 @@ def _heads(args) -> int:
         record["validation"] = validation.to_dict()
     figure = args.figure or (None if args.json is None else str(Path(args.json).with_suffix(".png")))
     if args.json:
-        atomic_write_json(args.json, record)
-        print(f"wrote {args.json}")
+        write_json_or_rescue(args.json, record)
     if not (figure or args.figures):
         return 0
     from sinkinterp.figures import figure_png, plot_head_classes, plot_intervention_effects
@@ -338,16 +373,11 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _intervention(text: str):
-    import yaml
-
+    from sinkinterp._yaml import load_yaml
     from sinkinterp.interventions import Intervention
 
     try:
-        record = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise argparse.ArgumentTypeError(f"--compare takes a YAML/JSON intervention record: {e}") from None
-    try:
-        return Intervention.from_dict(record)
+        return Intervention.from_dict(load_yaml(text, "--compare (a YAML/JSON intervention record)"))
     except (SinkInterpError, TypeError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -355,8 +385,6 @@ def _intervention(text: str):
 def _view(args) -> int:
     from sinkinterp.views import attention_view, compare_view
 
-    if not args.out.lower().endswith((".html", ".htm")):
-        raise SinkInterpError(f"--out must name an .html file, got {args.out!r}")
     model, _ = _load_and_describe(args)
     options = dict(layers=args.layers, heads=args.heads, hide_sink=args.hide_sink, max_tokens=args.max_tokens,
                    title=args.title or f"sinkinterp: {args.prompt[:60]}")
@@ -435,6 +463,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 def _run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", metavar="SPEC_OR_NAME", help="a YAML spec file or a built-in spec name")
     parser.add_argument("--list", action="store_true", help="list the built-in specs and exit")
+    parser.add_argument("--show", metavar="NAME", help="print a built-in spec (or a spec file) as a template and "
+                        "exit; with --set, the resolved spec with those overrides")
     parser.add_argument("--out", metavar="DIR", help="results folder (default runs/<spec name>)")
     parser.add_argument("--model", help="override the spec's model")
     parser.add_argument("--backend", choices=("auto", "hooked", "bridge"), help="override the spec's backend")
@@ -458,23 +488,92 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 }
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings):
+            default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+            text += f" (default: {default})"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sinkinterp",
         description="Attention sinks and massive activations in TransformerLens models.",
+        epilog="Expected run times on 2 CPU cores (SmolLM2-135M): info 6 s, scan 1-2 min, view under a minute, "
+               "run implicit-bias / no-op / massive 4-8 min each, heads 6-16 min (longer on TransformerLens 4's "
+               "bridge, which has no KV cache), demo 3 min. The first load converts the model (25-95 s).",
+        formatter_class=_DefaultsHelp,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, add_args, _) in COMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        add_args(sub.add_parser(name, help=help_text, description=help_text, formatter_class=_DefaultsHelp))
     return parser
 
 
+#: Output arguments per command, checked before any work: (attribute, flag, kind, suffixes).
+OUTPUTS = {
+    "info": [("json", "--json", "file", (".json",))],
+    "scan": [("json", "--json", "file", (".json",)), ("figures", "--figures", "folder", ())],
+    "run": [("out", "--out", "folder", ()), ("figures", "--figures", "folder", ())],
+    "view": [("out", "--out", "file", (".html", ".htm"))],
+    "heads": [("json", "--json", "file", (".json",)), ("figure", "--figure", "file", (".png",)),
+              ("figures", "--figures", "folder", ())],
+    "demo": [("out", "--out", "folder", ())],
+}
+
+
+def _check_text_args(argv: list[str]) -> None:
+    """Arguments that are not valid UTF-8 (undecodable bytes arrive as lone surrogates) would fail
+    only when a title or a path is finally written: refuse them first."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            flag = next((a for a in reversed(argv[:i]) if a.startswith("--")), "an argument")
+            raise SinkInterpError(f"{flag}: argument {arg.encode('utf-8', 'backslashreplace').decode()!r} "
+                                  "is not valid UTF-8 text") from None
+
+
+def check_outputs(args) -> None:
+    """Refuse unwritable outputs before the model loads and the work starts, not after."""
+    from sinkinterp._io import check_writable_file, check_writable_folder
+
+    for attr, flag, kind, suffixes in OUTPUTS.get(args.command, []):
+        value = getattr(args, attr, None)
+        if value is None:
+            continue
+        if kind == "file":
+            check_writable_file(value, flag, suffixes)
+        else:
+            if Path(value).exists() and not Path(value).is_dir():
+                raise SinkInterpError(f"{flag} {str(value)!r} exists and is not a folder")
+            check_writable_folder(value, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _check_text_args(argv)
+    except SinkInterpError as e:
+        print(f"sinkinterp: error: {e}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         return COMMANDS[args.command][2](args)
     except SinkInterpError as e:
         print(f"sinkinterp: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A disk that fills up or a folder that vanishes after the checks above.
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"sinkinterp: error: cannot write{where}: {e.strerror or e}. Finished experiment conditions are "
+              "kept in their folder (sinkinterp run ... --resume reuses them)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Every file is written atomically, so what is on disk is whole; `run --resume` continues.

@@ -92,7 +92,7 @@ def test_view_writes_a_page_of_the_chosen_heads(smollm2, tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--out", "view.txt"], "--out must name an .html file, got 'view.txt'"),
+        (["--out", "view.txt"], "--out must name a file ending in .html or .htm, got 'view.txt'"),
         (["--layers", "30", "--out", "v.html"], "layer 30 out of range: model has 30 layers (0..29)"),
         (["--max-tokens", "3", "--out", "v.html"], "is too many for an attention view (limit 3)"),
         # The help's own example on a prompt of 16 tokens or fewer would compare clean with clean.
