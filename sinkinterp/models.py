@@ -51,7 +51,8 @@ CONVERTER_VERSION = 2
 _CACHE_FORMAT = 1
 _MANIFEST = "sinkinterp-manifest.json"
 # The folded HookedTransformer weights depend on the TransformerLens release that folded them.
-_HOOKED_WEIGHTS = f"hooked_transformer-tl{'.'.join(map(str, backends.TL_VERSION[:2]))}.safetensors"
+_HOOKED_PREFIX = "hooked_transformer-"
+_HOOKED_WEIGHTS = f"{_HOOKED_PREFIX}tl{'.'.join(map(str, backends.TL_VERSION[:2]))}.safetensors"
 
 _BACKENDS = ("auto", "hooked", "bridge")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -346,6 +347,11 @@ def _manifest_problem(cache_dir: Path, sha256: str) -> str | None:
         problem = _file_problem(cache_dir, file_name, meta)
         if problem is not None:
             return problem
+    # transformers reads whatever tokenizer or config files sit in the folder: a file the manifest
+    # does not list is not trusted (the folded HookedTransformer weights carry their own record).
+    for path in sorted(cache_dir.iterdir()):
+        if path.name not in files and path.name != _MANIFEST and not path.name.lstrip(".").startswith(_HOOKED_PREFIX):
+            return f"{path.name} is not in the manifest"
     return None
 
 
@@ -373,8 +379,13 @@ def _build_cache(paths: list[Path], sha256: str, cache_dir: Path) -> None:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+    try:
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+    except OSError as e:
+        raise SinkInterpError(
+            f"the weight cache {str(cache_dir.parent)!r} cannot be written ({e.strerror}): set SINKINTERP_CACHE "
+            "to a writable folder") from None
     try:
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
@@ -657,7 +668,11 @@ def _hooked_from_cache(folder: Path, tokenizer, *, name: str, tl_name: str | Non
 
 
 def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise SinkInterpError(f"the weight cache {str(path.parent)!r} cannot be written ({e.strerror}): set "
+                              "SINKINTERP_CACHE to a writable folder") from None
     os.close(fd)
     try:
         write(tmp)

@@ -78,6 +78,12 @@ class AttentionView:
     title: str = ""
     element_id: str = field(default_factory=lambda: "sinkinterp-" + uuid4().hex[:12])
 
+    def __post_init__(self):
+        # The id is written into HTML and into a script: only a plain identifier is allowed.
+        if not isinstance(self.element_id, str) or not re.fullmatch(r"[A-Za-z][\w-]{0,63}", self.element_id, re.ASCII):
+            raise SinkInterpError(f"element_id must be a letter then up to 63 letters, digits, '_' or '-', "
+                                  f"got {self.element_id!r}")
+
     def props(self) -> dict:
         return {
             "tokens": list(self.tokens),
@@ -229,9 +235,6 @@ def _make_view(tokens, patterns, names, title, element_id) -> AttentionView:
     element it renders into: fix it to get byte-identical pages from identical inputs."""
     if element_id is None:
         return AttentionView(tokens, patterns, names, title)
-    if not isinstance(element_id, str) or not re.fullmatch(r"[A-Za-z][\w-]{0,63}", element_id):
-        raise SinkInterpError(f"element_id must be a letter then up to 63 letters, digits, '_' or '-', "
-                              f"got {element_id!r}")
     return AttentionView(tokens, patterns, names, title, element_id)
 
 

@@ -196,8 +196,22 @@ def test_bit_flipped_cache_file_is_detected(tmp_path):
     payload.write_bytes(b"x" * 999 + b"y")  # same size, one byte changed
     assert _manifest_problem(folder, sha) == "model.safetensors does not match its sha256"
     assert "gguf_sha256" in _manifest_problem(folder, "1" * 64)
+    payload.write_bytes(b"x" * 1000)
+    assert _manifest_problem(folder, sha) is None
+    # A file transformers would read (a tokenizer or config file) that the manifest does not list.
+    (folder / "special_tokens_map.json").write_text('{"bos_token": "<evil>"}')
+    assert _manifest_problem(folder, sha) == "special_tokens_map.json is not in the manifest"
+    (folder / "special_tokens_map.json").unlink()
     (folder / _MANIFEST).write_text("{not json")
     assert _manifest_problem(folder, sha).startswith("unreadable manifest")
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("SINKINTERP_CACHE", str(blocker / "cache"))
+    with pytest.raises(SinkInterpError, match=r"the weight cache .* cannot be written \(.*\): set SINKINTERP_CACHE"):
+        load_model()
 
 
 # ---------------------------------------------------------------------------------- bad input

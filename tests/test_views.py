@@ -112,3 +112,6 @@ def test_snapshot_of_a_view_with_a_fixed_id(tiny):
     assert clean_vs_masked.patterns.shape == (4, 6, 6) and clean_vs_masked.element_id == "compare-snapshot"
     with pytest.raises(SinkInterpError, match="element_id must be a letter"):
         attention_view(tiny, tokens, element_id='x" onload="alert(1)')
+    # Built directly, too: the id would otherwise end the script it is written into.
+    with pytest.raises(SinkInterpError, match="element_id must be a letter"):
+        AttentionView(("a",), torch.ones(1, 1, 1), ("L0H0",), element_id="x</script><script>alert(1)//")
