@@ -4,6 +4,8 @@ from sinkinterp._batches import progress_bar as _progress_bar
 from sinkinterp.errors import SinkInterpError
 
 _progress_bar()  # the first import of tqdm.auto, quiet: Jupyter without ipywidgets would warn in every notebook
+from sinkinterp.evaluate import Evaluation, evaluate
+from sinkinterp.experiments.stats import paired_difference, recovery_fraction
 from sinkinterp.heads import classify_heads, validate_heads
 from sinkinterp.interventions import (
     AblateHeads,
@@ -56,5 +58,9 @@ __all__ = [
     "intervene",
     "classify_heads",
     "validate_heads",
+    "evaluate",
+    "Evaluation",
+    "paired_difference",
+    "recovery_fraction",
 ]
 __version__ = "0.1.0"
