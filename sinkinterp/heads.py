@@ -10,7 +10,10 @@ needs and reduces each layer's attention pattern to per-head sums in a hook (not
   by the attention the query pays to anything but the first token. The sink takes most of many
   heads' attention, so the raw mean (``*_raw`` columns, the ARENA definition) would call a head
   that does induction whenever it is not resting on the sink a weak one. Queries whose target is
-  the first token itself are left out.
+  the first token itself are left out. ``*_mass`` is the mean non-sink attention of the scored
+  queries; content labels need it to be at least ``MIN_NON_SINK_MASS`` (0.05).
+- ``previous_token_tl``, ``duplicate_tl``, ``induction_tl``: TransformerLens's ``detect_head``
+  at its defaults, per sequence, averaged; ``previous_token_text`` on corpus text.
 - ``recall`` (Wu et al. 2024): on needle-in-a-haystack prompts, teacher-forced through the
   needle's reproduction, the fraction of reproduction steps whose top-1 attended key is a needle
   position holding the token being produced. ``recall_greedy`` does the same on the model's own
@@ -71,6 +74,13 @@ DEFAULT_THRESHOLDS: dict[str, float] = {
 }
 
 
+#: A head gets a content label (previous-token, duplicate, induction) only if, on the queries that
+#: score it, at least this share of its attention is off the first token (the ``*_mass`` columns).
+#: Below it the conditional score divides by almost nothing: a head with 99.98% of its attention on
+#: the sink scored 0.02 to 0.91 with the seed, decided by one "awake" sequence in eight.
+MIN_NON_SINK_MASS = 0.05
+
+
 def _head_name(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
@@ -123,6 +133,7 @@ class _PatternReducer(Reducer):
         self.den = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.raw = torch.zeros(n_layers, n_heads, dtype=torch.float64)
         self.n_raw = 0
+        self.n_scored = 0  # scored queries (all sequences), for the mean non-sink mass
         self.window: int | None = None  # the current layer's sliding window, while its hook runs
 
     def hooks(self):
@@ -137,15 +148,22 @@ class _PatternReducer(Reducer):
             self.raw[layer] += raw.cpu()
             if layer == 0:
                 self.n_raw += n_raw
+                self.n_scored += self.scored_queries(pattern)
 
         return reduce
+
+    def scored_queries(self, pattern: Tensor) -> int:
+        return 0
 
     def reduce(self, pattern: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         raise NotImplementedError
 
     def scores(self) -> dict[str, Tensor]:
         score = torch.where(self.den > 0, self.num / self.den.clamp(min=1e-300), torch.nan)
-        return {"score": score.clamp(0, 1), "raw": self.raw / max(self.n_raw, 1)}
+        out = {"score": score.clamp(0, 1), "raw": self.raw / max(self.n_raw, 1)}
+        if self.n_scored:
+            out["mass"] = self.den / self.n_scored  # mean non-sink attention of the scored queries
+        return out
 
 
 class _TargetReducer(_PatternReducer):
@@ -164,9 +182,49 @@ class _TargetReducer(_PatternReducer):
         rest = 1 - pattern[:, :, q, 0]
         return hit.sum(dim=(0, 2)), rest.sum(dim=(0, 2)), hit.mean(dim=2).sum(dim=0), pattern.shape[0]
 
+    def scored_queries(self, pattern: Tensor) -> int:
+        return pattern.shape[0] * self.queries.numel()
+
+
+class _DetectHeadReducer(_PatternReducer):
+    """TransformerLens ``detect_head(model, seq, "<kind>_head")`` at its defaults (``error_measure=
+    "mul"``, nothing excluded), one sequence at a time: ``sum(A * P) / sum(A)`` over the whole
+    [query, key] pattern, with P the detection pattern built from the sequence's tokens; averaged
+    over sequences as ``detect_head`` does for a list of prompts. Every query row counts, including
+    those with no target (the first half of a repeated sequence), which is why this score is about
+    half the ARENA mean on ``[x, x]`` data."""
+
+    def __init__(self, model, kind: str):
+        super().__init__(model)
+        self.kind = kind
+
+    def _detection(self, tokens: Tensor) -> Tensor:
+        n = tokens.shape[1]
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        if self.kind == "previous_token":
+            return (j == i - 1).expand(tokens.shape[0], n, n).double()
+        same = (tokens[:, :, None] == tokens[:, None, :]) & (j < i)  # duplicate: an earlier equal token
+        if self.kind == "duplicate_token":
+            return same.double()
+        shifted = torch.zeros_like(same)
+        shifted[:, :, 1:] = same[:, :, :-1]  # induction: the key right after an earlier copy
+        return (shifted & (j <= i)).double()
+
+    def reduce(self, pattern):
+        detection = self._detection(self.batch.tokens).to(pattern.device)[:, None]  # [batch 1 q k]
+        per_seq = (pattern * detection).sum(dim=(2, 3)) / pattern.sum(dim=(2, 3))  # [batch head]
+        n = pattern.shape[0]
+        return per_seq.sum(dim=0), torch.full_like(per_seq[0], n), per_seq.sum(dim=0), n
+
 
 def _previous_token(model, data: RepeatedTokens) -> _PatternReducer:
     queries = torch.arange(1, data.tokens.shape[1])
+    return _TargetReducer(model, queries, queries - 1)
+
+
+def _previous_token_text(model, data: Tensor) -> _PatternReducer:
+    queries = torch.arange(1, data.shape[1])
     return _TargetReducer(model, queries, queries - 1)
 
 
@@ -270,6 +328,11 @@ _register(Scorer("duplicate", "repeated", _duplicate, "duplicate",
                  "second half: A[i, i-n] over non-sink attention", has_raw=True))
 _register(Scorer("induction", "repeated", _induction, "induction",
                  "second half: A[i, i-n+1] over non-sink attention", has_raw=True))
+_register(Scorer("previous_token_text", "text", _previous_token_text, None,
+                 "A[i, i-1] over non-sink attention on corpus text, queries i >= 2", has_raw=True))
+for _kind, _name in (("previous_token", "previous_token"), ("duplicate_token", "duplicate"), ("induction", "induction")):
+    _register(Scorer(f"{_name}_tl", "repeated", lambda model, data, kind=_kind: _DetectHeadReducer(model, kind), None,
+                     f"TransformerLens detect_head(..., '{_kind}_head') at its defaults, per sequence, averaged"))
 _register(Scorer("recall", "needle", _RecallReducer, "recall",
                  "teacher-forced: share of needle tokens copied with the top-1 key on them (Wu et al.)"))
 _register(Scorer("sink", "text", lambda model, data: _SinkReducer(model), "sink",
@@ -310,6 +373,8 @@ def head_scores(model, data: dict[str, Any], scorers: Sequence[str] | None = Non
             results[scorer.name] = out["score"].float()
             if scorer.has_raw:
                 results[f"{scorer.name}_raw"] = out["raw"].float()
+            if "mass" in out:
+                results[f"{scorer.name}_mass"] = out["mass"].float()
     return results
 
 
@@ -321,9 +386,14 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def _rouge1_recall(reference: str, response: str) -> float:
-    """Share of the reference's words found in the response (with multiplicity): ROUGE-1 recall."""
+def _rouge1_recall(reference: str, response: str, exclude: str = "") -> float:
+    """Share of the reference's words found in the response (with multiplicity): ROUGE-1 recall.
+    ``exclude``: leave out the reference words that also occur in this text (the question), so that
+    repeating the question is not counted as reproducing the needle."""
     ref, remaining = _words(reference), _words(response)
+    if exclude:
+        asked = set(_words(exclude))
+        ref = [word for word in ref if word not in asked]
     hits = 0
     for word in ref:
         if word in remaining:
@@ -375,9 +445,15 @@ def greedy_recall(model, data: NeedlePrompts, *, extra_steps: int = 4, batch_siz
     w; per prompt, hits / needle length (at most 1). Generation stops at the first line break
     after some text, or after ``needle_len + extra_steps`` tokens.
 
-    Returns ``score`` [layers, heads] averaged over the prompts reproduced (ROUGE-1 recall of the
-    needle's words > ``success``; NaN if none), plus per prompt the response, its ROUGE-1
-    recall and whether it reproduces the needle exactly.
+    A prompt counts as reproduced when the answer holds more than ``success`` of the needle's *new
+    content*: its words that are not in the question (for the default needle and question, the city
+    and the number: the name, "The secret code of", "from" and "is" are all in the question, so an
+    answer that repeats the question without the number does not pass; both are needed). Wu et al.'s literal rule, ROUGE-1
+    recall of all the needle's words, is kept as ``*_wu``; prompts built without questions use it.
+
+    Returns ``score`` [layers, heads] averaged over the prompts reproduced (NaN if none), and
+    ``score_wu`` over the prompts Wu's rule passes, plus per prompt the response, both ROUGE-1
+    recalls and whether it reproduces the needle exactly.
     """
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -385,7 +461,7 @@ def greedy_recall(model, data: NeedlePrompts, *, extra_steps: int = 4, batch_siz
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     n_steps = int(data.needle_len.max()) + extra_steps
     per_prompt = torch.zeros(data.n_prompts, n_layers, n_heads, dtype=torch.float64)
-    responses, rouge, exact, lengths = [], [], [], []
+    responses, rouge, rouge_wu, exact, lengths = [], [], [], [], []
     for start in range(0, data.n_prompts, batch_size):
         rows = torch.arange(start, min(start + batch_size, data.n_prompts))
         top = torch.zeros(len(rows), n_steps, n_layers, n_heads, dtype=torch.long)
@@ -401,7 +477,9 @@ def greedy_recall(model, data: NeedlePrompts, *, extra_steps: int = 4, batch_siz
             needle = data.needles[row] if data.needles else tokenizer.decode(data.needle_ids(row))
             responses.append(text)
             lengths.append(length)
-            rouge.append(_rouge1_recall(needle, text))
+            question = data.questions[row] if data.questions else ""
+            rouge_wu.append(_rouge1_recall(needle, text))
+            rouge.append(_rouge1_recall(needle, text, exclude=question) if question else rouge_wu[-1])
             exact.append(text.strip() == needle.strip())
             produced = generated[local, :length]
             hits = _needle_hits(
@@ -409,16 +487,24 @@ def greedy_recall(model, data: NeedlePrompts, *, extra_steps: int = 4, batch_siz
                 produced,
             ).reshape(length, n_layers, n_heads)
             per_prompt[row] = (hits.sum(dim=0).double() / int(data.needle_len[row])).clamp(max=1)
+    def mean_over(passed: Tensor) -> Tensor:
+        return per_prompt[passed].mean(dim=0) if bool(passed.any()) else torch.full((n_layers, n_heads), math.nan)
+
     reproduced = torch.tensor([r > success for r in rouge])
-    score = per_prompt[reproduced].mean(dim=0) if bool(reproduced.any()) else torch.full((n_layers, n_heads), math.nan)
+    reproduced_wu = torch.tensor([r > success for r in rouge_wu])
     return {
-        "score": score.float(),
+        "score": mean_over(reproduced).float(),
+        "score_wu": mean_over(reproduced_wu).float(),
         "per_prompt": per_prompt.float(),
         "responses": responses,
         "rouge1_recall": rouge,
+        "rouge1_recall_wu": rouge_wu,
+        "rule": "new content" if data.questions else "Wu et al. (no questions recorded)",
         "exact": exact,
         "reproduced": reproduced.tolist(),
+        "reproduced_wu": reproduced_wu.tolist(),
         "reproduction_rate": float(reproduced.double().mean()),
+        "reproduction_rate_wu": float(reproduced_wu.double().mean()),
         "exact_rate": float(torch.tensor(exact, dtype=torch.float64).mean()),
     }
 
@@ -467,10 +553,13 @@ def _check_context_lens(model, context_lens) -> tuple[int, ...]:
     return values
 
 
-def _labels(row: pd.Series, thresholds: dict[str, float]) -> tuple[str, ...]:
+def _labels(row: pd.Series, thresholds: dict[str, float], min_mass: float = MIN_NON_SINK_MASS) -> tuple[str, ...]:
     labels = []
     for scorer in SCORERS.values():
         if scorer.label is not None and scorer.name in row and not pd.isna(row[scorer.name]):
+            mass = row.get(f"{scorer.name}_mass")
+            if mass is not None and not mass >= min_mass:
+                continue  # too little attention off the sink for the conditional score to mean anything
             if row[scorer.name] > thresholds[scorer.label]:
                 labels.append(scorer.label)
     return tuple(labels) or ("none",)
@@ -491,6 +580,7 @@ def classify_heads(
     greedy: bool = True,
     qk: bool = True,
     data: dict[str, Any] | None = None,
+    min_non_sink_mass: float = MIN_NON_SINK_MASS,
     batch_size: int = 4,
     progress: bool | None = None,
 ) -> pd.DataFrame:
@@ -498,6 +588,12 @@ def classify_heads(
     ``recall_greedy``, q/k massive-value columns (``qk=True``), and ``labels`` (a tuple; a head
     may carry several, ``("none",)`` otherwise) at ``thresholds`` (defaults
     :data:`DEFAULT_THRESHOLDS`).
+
+    Content labels (previous-token, duplicate, induction) are given on the conditional score pooled
+    over every scored query of every sequence (attention to the target over the attention off the
+    first token, a ratio of sums), and only to heads whose mean non-sink mass on those queries
+    (``*_mass``) is at least ``min_non_sink_mass``. ``*_raw`` is the ARENA mean and ``*_tl``
+    TransformerLens's ``detect_head`` score, for comparison.
 
     Data (all offline and seeded by ``seed``): ``n_seqs`` repeated random sequences of
     2 x ``half_len`` tokens; ``n_seqs`` corpus windows of ``text_len`` tokens at random offsets;
@@ -509,12 +605,16 @@ def classify_heads(
     from sinkinterp.metrics import head_frame, qk_massive_values
 
     thresholds = _check_thresholds(thresholds)
+    if isinstance(min_non_sink_mass, bool) or not isinstance(min_non_sink_mass, (int, float)) \
+            or not 0 <= min_non_sink_mass < 1:
+        raise SinkInterpError(f"min_non_sink_mass {min_non_sink_mass!r} must be a number in [0, 1)")
     names = _check_names(SCORERS if scorers is None else scorers, list(SCORERS), "scorer")
     for label, value in (("n_seqs", n_seqs), ("half_len", half_len), ("text_len", text_len), ("n_prompts", n_prompts)):
         check_int(label, value, 2 if label != "n_prompts" else 1)
     kinds = {SCORERS[n].data for n in names}
     given = dict(data or {})
-    lens = () if "needle" in given else _check_context_lens(model, context_lens)
+    needs_needle = "recall" in names or greedy
+    lens = () if ("needle" in given or not needs_needle) else _check_context_lens(model, context_lens)
     unknown = sorted(set(given) - {"repeated", "text", "needle"})
     if unknown:
         raise SinkInterpError(f"unknown data {unknown[0]!r}: give 'repeated', 'text' or 'needle'")
@@ -532,7 +632,7 @@ def classify_heads(
     if "needle" in given:
         prompts = list(given["needle"]) if isinstance(given["needle"], (list, tuple)) else [given["needle"]]
         lens = tuple(p.prompt_len for p in prompts)
-    elif "recall" in names or greedy:
+    elif needs_needle:
         prompts = [needle_prompts(model, n_prompts, length, depths=depths, seed=seed + i)
                    for i, length in enumerate(lens)]
     attrs: dict[str, Any] = {}
@@ -544,14 +644,17 @@ def classify_heads(
     if greedy:
         runs = [greedy_recall(model, p, batch_size=batch_size) for p in prompts]
         # Every reproduced prompt weighs the same, whatever its context length.
-        reproduced = torch.cat([r["per_prompt"][torch.tensor(r["reproduced"])] for r in runs])
-        total = reproduced.shape[0]
-        scores["recall_greedy"] = reproduced.mean(dim=0) if total else torch.full(reproduced.shape[1:], math.nan)
+        n_total = sum(p.n_prompts for p in prompts)
+        for suffix, key in (("", "reproduced"), ("_wu", "reproduced_wu")):
+            reproduced = torch.cat([r["per_prompt"][torch.tensor(r[key])] for r in runs])
+            total = reproduced.shape[0]
+            scores[f"recall_greedy{suffix}"] = reproduced.mean(dim=0) if total else torch.full(reproduced.shape[1:], math.nan)
+            attrs[f"greedy_reproduction_rate{suffix}"] = total / n_total
         attrs["greedy"] = {
-            str(l): {k: r[k] for k in ("reproduction_rate", "exact_rate", "responses", "rouge1_recall", "exact")}
+            str(l): {k: r[k] for k in ("reproduction_rate", "reproduction_rate_wu", "exact_rate", "responses",
+                                       "rouge1_recall", "rouge1_recall_wu", "exact", "rule")}
             for l, r in zip(lens, runs)
         }
-        attrs["greedy_reproduction_rate"] = total / sum(p.n_prompts for p in prompts)
 
     frame = head_frame(model.cfg.n_layers, model.cfg.n_heads)
     frame.insert(0, "name", [_head_name(l, h) for l, h in zip(frame["layer"], frame["head"])])
@@ -561,11 +664,14 @@ def classify_heads(
         geometry = qk_massive_values(model, text, batch_size=batch_size, progress=progress)
         frame = frame.merge(geometry.per_head(), on=["layer", "head"], how="left")
         attrs["qk"] = geometry.summary()
-    frame["labels"] = [_labels(row, thresholds) for _, row in frame.iterrows()]
+    frame["labels"] = [_labels(row, thresholds, min_non_sink_mass) for _, row in frame.iterrows()]
     frame.attrs.update(attrs)
     frame.attrs.update({
         "seed": seed,
         "thresholds": thresholds,
+        "min_non_sink_mass": float(min_non_sink_mass),
+        "label_statistic": "pooled conditional score: sum of target attention / sum of non-sink attention "
+                           "over all scored queries; content labels need mean non-sink mass >= min_non_sink_mass",
         "scorers": {n: SCORERS[n].description for n in names},
         "data": {
             "repeated": {"n_seqs": n_seqs, "half_len": half_len, "first_token": default_first_token(model)},

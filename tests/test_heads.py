@@ -176,7 +176,8 @@ def test_classify_labels_and_thresholds(tiny):
 
 
 def test_scorer_registry_and_bad_input(tiny):
-    assert set(SCORERS) == {"previous_token", "duplicate", "induction", "recall", "sink", "distance"}
+    assert set(SCORERS) == {"previous_token", "duplicate", "induction", "recall", "sink", "distance",
+                            "previous_token_text", "previous_token_tl", "duplicate_tl", "induction_tl"}
     with pytest.raises(SinkInterpError, match="unknown scorer 'copying': allowed previous_token"):
         head_scores(tiny, {}, ["copying"])
     with pytest.raises(SinkInterpError, match="scorer 'recall' needs 'needle' data"):
@@ -208,6 +209,14 @@ def test_rouge1_recall():
     assert _rouge1_recall(needle, needle) == 1.0
     assert _rouge1_recall(needle, "The secret code of Marta Oliveira is 48213.") == pytest.approx(8 / 10)
     assert _rouge1_recall(needle, "no idea") == 0.0
+    # Repeating the question passes Wu et al.'s literal rule (8 of the needle's 10 words are in it)
+    # but holds none of the needle's new content: the city and the number ("from" and "is" are asked).
+    question = "\n\nQuestion: What is the secret code of Marta Oliveira? Answer with the full sentence from the text.\nAnswer:\n"
+    echo = "The secret code of Keiko Oliveira is:"
+    assert _rouge1_recall(needle, echo) == pytest.approx(6 / 10)
+    assert _rouge1_recall(needle, echo, exclude=question) == 0.0
+    assert _rouge1_recall(needle, "It is 48213, from Lisbon.", exclude=question) == 1.0
+    assert _rouge1_recall(needle, "48213", exclude=question) == pytest.approx(1 / 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,3 +307,71 @@ def test_ablate_heads_bad_input_and_cleanup(tiny):
         with intervene(tiny, AblateHeads(heads=[(0, 1), (1, 1)], mode="zero")):
             raise RuntimeError("boom")
     assert sum(len(hp.fwd_hooks) for hp in tiny.hook_dict.values()) == before
+
+
+def test_tl_scores_equal_transformer_lens_detect_head(tiny, monkeypatch):
+    from transformer_lens.head_detector import detect_head
+
+    data = _repeated(tiny)
+    scores = head_scores(tiny, {"repeated": data}, ["previous_token_tl", "duplicate_tl", "induction_tl"], progress=False)
+    for kind, name in (("previous_token_head", "previous_token_tl"), ("duplicate_token_head", "duplicate_tl"),
+                       ("induction_head", "induction_tl")):
+        per_seq = []
+        for row in data.tokens:  # detect_head tokenizes its prompt: hand it our ids instead
+            monkeypatch.setattr(tiny, "to_tokens", lambda seq, row=row, **kwargs: row[None])
+            per_seq.append(detect_head(tiny, "ignored", kind))
+        torch.testing.assert_close(scores[name], torch.stack(per_seq).mean(dim=0), rtol=0, atol=1e-6)
+
+
+def test_tl_score_is_about_half_the_arena_mean_on_repeated_tokens(tiny):
+    generator = torch.Generator().manual_seed(0)
+    half = torch.stack([torch.randperm(tiny.cfg.d_vocab, generator=generator)[:8] for _ in range(2)])
+    data = RepeatedTokens(torch.cat([half, half], dim=1), 8)  # no token twice within a half
+    T, n = data.tokens.shape[1], data.half_len
+    induction = _rows(T, lambda i: i - n + 1 if i >= n else None)
+    with tiny.hooks(fwd_hooks=_set_pattern(tiny, induction.expand(6, T, T))):
+        scores = head_scores(tiny, {"repeated": data}, ["induction", "induction_tl"], progress=False)
+    # A perfect induction head: ARENA mean 1 over the second half; detect_head divides by all 16 rows,
+    # and the rows of the first half that attend to themselves hit nothing (random tokens, no repeats).
+    assert scores["induction_raw"].min() == 1.0
+    torch.testing.assert_close(scores["induction_tl"], torch.full((2, 6), n / T), rtol=0, atol=1e-6)
+
+
+def test_heads_with_negligible_non_sink_mass_get_no_content_label(tiny):
+    data = _repeated(tiny, half=8, n=3)
+    T, n = data.tokens.shape[1], data.half_len
+    target = lambda i: i - n + 1 if i >= n else None  # noqa: E731
+    heads = torch.stack([
+        _rows(T, target, sink=0.99),   # an induction pattern under a 99% sink: mass 0.01
+        _rows(T, target, sink=0.90),   # mass 0.10: above the floor
+        _rows(T, target, sink=0.0),
+        _rows(T, lambda i: None), _rows(T, lambda i: None), _rows(T, lambda i: None),
+    ])
+    with tiny.hooks(fwd_hooks=_set_pattern(tiny, heads)):
+        table = classify_heads(tiny, data={"repeated": data, "text": data.tokens}, greedy=False, qk=False,
+                               scorers=["previous_token", "duplicate", "induction", "sink"], progress=False)
+        strict = classify_heads(tiny, data={"repeated": data, "text": data.tokens}, greedy=False, qk=False,
+                                scorers=["induction"], min_non_sink_mass=0.2, progress=False)
+        loose = classify_heads(tiny, data={"repeated": data, "text": data.tokens}, greedy=False, qk=False,
+                               scorers=["induction"], min_non_sink_mass=0.0, progress=False)
+    first = table[table.layer == 0].set_index("head")
+    assert first.induction_mass.tolist()[:3] == pytest.approx([0.01, 0.10, 1.0])
+    assert first.induction.tolist()[:3] == pytest.approx([1.0, 1.0, 1.0])  # the conditional score alone
+    assert first.induction_raw.tolist()[:3] == pytest.approx([0.01, 0.10, 1.0])
+    assert first.labels.tolist()[:3] == [("sink",), ("induction", "sink"), ("induction",)]
+    assert strict[strict.layer == 0].labels.tolist()[:3] == [("none",), ("none",), ("induction",)]
+    assert loose[loose.layer == 0].labels.tolist()[:3] == [("induction",)] * 3
+    assert table.attrs["min_non_sink_mass"] == 0.05 and "pooled conditional score" in table.attrs["label_statistic"]
+    with pytest.raises(SinkInterpError, match=r"min_non_sink_mass 1.5 must be a number in \[0, 1\)"):
+        classify_heads(tiny, data={"repeated": data}, scorers=["induction"], greedy=False, qk=False,
+                       min_non_sink_mass=1.5)
+
+
+def test_previous_token_score_on_text(tiny):
+    tokens = random_tokens(tiny, 2, 12, seed=4)
+    prev = _rows(12, lambda i: i - 1, sink=0.5)
+    with tiny.hooks(fwd_hooks=_set_pattern(tiny, prev.expand(6, 12, 12))):
+        scores = head_scores(tiny, {"text": tokens}, ["previous_token_text"], progress=False)
+    torch.testing.assert_close(scores["previous_token_text"], torch.ones(2, 6))
+    torch.testing.assert_close(scores["previous_token_text_raw"], torch.full((2, 6), 0.5))
+    torch.testing.assert_close(scores["previous_token_text_mass"], torch.full((2, 6), 0.5))
