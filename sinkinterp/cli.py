@@ -300,8 +300,9 @@ def _heads(args) -> int:
     if "greedy_reproduction_rate" in table.attrs:
         rates = ", ".join(f"{length} tokens {g['reproduction_rate']:.0%} (exact {g['exact_rate']:.0%})"
                           for length, g in table.attrs["greedy"].items())
-        print(f"\ngreedy reproduction of the needle (ROUGE-1 recall > 0.5): "
-              f"{table.attrs['greedy_reproduction_rate']:.0%} overall; {rates}")
+        print(f"\ngreedy reproduction of the needle (ROUGE-1 recall of its words not in the question > 0.5): "
+              f"{table.attrs['greedy_reproduction_rate']:.0%} overall; {rates}; Wu et al.'s rule (all its words): "
+              f"{table.attrs['greedy_reproduction_rate_wu']:.0%}")
     qk = qk_by_label(table)
     print("\nq/k massive values by label (peak = largest dimension RMS / the head's mean):")
     print(qk.to_string(index=False, float_format=lambda x: "nan" if math.isnan(x) else f"{x:.3f}"))

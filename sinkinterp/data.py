@@ -264,6 +264,8 @@ class NeedlePrompts:
     request: str = ""
     first_token: FirstToken = "none"
     """The resolved first-token policy the prompts were built with."""
+    questions: tuple[str, ...] = ()
+    """Each prompt's request text: its words are not evidence of reproducing the needle."""
 
     def __post_init__(self):
         tokens, n = self.tokens, self.tokens.shape[0] if isinstance(self.tokens, Tensor) else 0
@@ -327,6 +329,7 @@ class NeedlePrompts:
             "needle_template": NEEDLE_TEMPLATE,
             "request_template": self.request,
             "first_token": self.first_token,
+            "questions": list(self.questions),
             "tokens_sha256": hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest(),
         }
 
@@ -383,7 +386,7 @@ def needle_prompts(
     first_id = _first_id(model, first_token)
     prefix = [] if first_id is None else [first_id]
     rng = random.Random(seed)
-    rows, starts, lengths, needles = [], [], [], []
+    rows, starts, lengths, needles, questions = [], [], [], [], []
     for row in range(n_prompts):
         name = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
         needle = NEEDLE_TEMPLATE.format(name=name, city=rng.choice(_CITIES), number=rng.randint(10000, 99999))
@@ -412,6 +415,7 @@ def needle_prompts(
         starts.append(len(prefix) + at)
         lengths.append(len(needle_ids))
         needles.append(needle)
+        questions.append(request.format(name=name))
     width = max(len(r) for r in rows)
     pad = _pad_token(model)
     tokens = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
@@ -425,6 +429,7 @@ def needle_prompts(
         seed=seed,
         request=request,
         first_token=resolve_first_token(model, first_token),
+        questions=tuple(questions),
     )
 
 
