@@ -130,7 +130,13 @@ def _as_query_heads(x: Tensor, n_heads: int) -> Tensor:
 def _select(label: str, chosen, n: int, unit: str) -> list[int]:
     if chosen is None:
         return list(range(n))
+    if isinstance(chosen, int) and not isinstance(chosen, bool):
+        chosen = (chosen,)
+    if not isinstance(chosen, (list, tuple)):
+        raise SinkInterpError(f"{label}s must be a list of integers in 0..{n - 1} (or None for all), got {chosen!r}")
     for value in chosen:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SinkInterpError(f"{label}s must be integers in 0..{n - 1}, got {value!r}")
         if not 0 <= value < n:
             raise SinkInterpError(f"{label} {value} out of range: model has {n} {unit} (0..{n - 1})")
     return list(chosen)
@@ -175,6 +181,8 @@ def _ints(label: str, values) -> tuple[int, ...] | None:
         return None
     if isinstance(values, int) and not isinstance(values, bool):
         values = (values,)
+    if not isinstance(values, (list, tuple)):
+        raise SinkInterpError(f"{label} must be a list of integers (or None), got {values!r}")
     values = tuple(values)
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -537,11 +545,20 @@ def _kv_heads(model, heads: list[int], asked) -> list[int]:
 @dataclass(frozen=True, repr=False)
 class EditMassiveChannels(Intervention):
     """Set residual-stream ``channels`` at ``positions`` after the chosen blocks (``hook_resid_post``)
-    to zero, to their reference mean (``values``: [layers][channels]), or scale them by ``factor``.
+    to zero, to their reference mean (``values``: [layers][slots][channels], one mean per edited
+    position), or scale them by ``factor``.
+
+    ``largest_other=True`` also edits, in each sequence and layer, the one position outside
+    ``positions`` where these channels are largest in magnitude (Sun et al. edit the starting token
+    and the other token that carries massive activations, a first "." or "\n"); its mean is the
+    last slot of ``values``.
 
     ``channels=None`` stands for the stable channels the detector finds: resolve it with
-    :meth:`fit`. :meth:`random_control` edits as many random non-massive channels of comparable
-    typical magnitude instead.
+    :meth:`fit`, which by default edits one layer, the first where the channels are massive (as
+    Sun et al.); ``layers=None`` on the constructor means every layer, a different, milder
+    experiment (the edit is undone and redone at each layer instead of propagating).
+    :meth:`random_control` edits as many random non-massive channels of comparable typical
+    magnitude instead.
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("hook_resid_post",)
@@ -552,6 +569,7 @@ class EditMassiveChannels(Intervention):
     mode: str = "zero"
     factor: NumbersLike = None
     values: NumbersLike = None
+    largest_other: bool = False
 
     MODES: ClassVar[tuple[str, ...]] = ("zero", "mean", "scale")
 
@@ -561,6 +579,8 @@ class EditMassiveChannels(Intervention):
         _norm_common(self, heads=False)
         _check_mode("EditMassiveChannels", self.mode, self.MODES)
         object.__setattr__(self, "values", _frozen(self, "values"))
+        if not isinstance(self.largest_other, bool):
+            raise SinkInterpError(f"EditMassiveChannels largest_other must be true or false, got {self.largest_other!r}")
         for name in ("channels", "positions"):
             if getattr(self, name) == ():
                 raise SinkInterpError(f"EditMassiveChannels {name} is empty: it would act nowhere and leave the "
@@ -577,19 +597,31 @@ class EditMassiveChannels(Intervention):
                 "EditMassiveChannels.fit(model, tokens, mode='mean')), and other modes take none"
             )
 
+    @property
+    def n_slots(self) -> int:
+        """Edited positions per sequence: ``positions`` plus the largest other one if asked."""
+        return len(self.positions) + int(self.largest_other)
+
     @classmethod
-    def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, channels=None, positions=(0,), layers=None,
-            mode: str = "zero", factor: float | None = None, min_fraction: float = 0.5) -> EditMassiveChannels:
+    def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, channels=None, positions=(0,), layers="first",
+            mode: str = "zero", factor: float | None = None, min_fraction: float = 0.5,
+            largest_other: bool = False) -> EditMassiveChannels:
         """Resolve ``channels=None`` to the detector's stable channels at these positions (found in
-        at least ``min_fraction`` of the sequences of ``tokens``) and, for ``"mean"``, store the
-        reference mean of each channel at ``positions`` after each selected block."""
+        at least ``min_fraction`` of the sequences of ``tokens``), ``layers="first"`` to the first
+        layer where those channels are massive at those positions in at least ``min_fraction`` of
+        the sequences (``"all"``: every layer), and for ``"mean"`` store each edited position's own
+        reference mean of each channel after each selected block."""
         from sinkinterp.metrics import find_massive_activations, stable_massive_channels
 
         positions = _ints("positions", positions)
-        if channels is None:
+        if not isinstance(min_fraction, (int, float)) or isinstance(min_fraction, bool) or not 0 < min_fraction <= 1:
+            raise SinkInterpError(f"min_fraction {min_fraction!r} must be a number in (0, 1]")
+        found = None
+        if channels is None or layers == "first":
             found = find_massive_activations(model, tokens, progress=False)
-            found = found[found.position.isin(positions)]
+            found = found[found.position.isin(positions or ())]
             found.attrs["n_seqs"] = tokens.shape[0]
+        if channels is None:
             stable = stable_massive_channels(found, min_fraction=min_fraction)
             channels = tuple(sorted(int(c) for c in stable.channel.unique()))
             if not channels:
@@ -598,10 +630,26 @@ class EditMassiveChannels(Intervention):
                     "reference sequences: pass channels explicitly"
                 )
         channels = _ints("channels", channels)
+        if isinstance(layers, str):
+            if layers == "all":
+                layers = None
+            elif layers == "first":
+                ours = found[found.channel.isin(channels)]
+                share = ours.groupby("layer").seq.nunique() / tokens.shape[0]
+                common = share[share >= min_fraction].index
+                if not len(common):
+                    raise SinkInterpError(
+                        f"channels {channels} are not massive at positions {positions} in at least "
+                        f"{min_fraction:.0%} of the reference sequences in any layer: pass layers explicitly")
+                layers = (int(common.min()),)
+            else:
+                raise SinkInterpError(f"EditMassiveChannels.fit layers {layers!r}: use 'first', 'all' or layer numbers")
         values = None
         if mode == "mean":
-            values = _channel_means(model, tokens, _layers(model, _ints("layers", layers)), positions, channels)
-        return cls(channels=channels, positions=positions, layers=layers, mode=mode, factor=factor, values=values)
+            values = _channel_means(model, tokens, _layers(model, _ints("layers", layers)), positions, channels,
+                                    largest_other)
+        return cls(channels=channels, positions=positions, layers=layers, mode=mode, factor=factor, values=values,
+                   largest_other=largest_other)
 
     def random_control(self, model, tokens: Int[Tensor, "batch pos"], *, seed: int = 0,
                        pool: int = 10) -> EditMassiveChannels:
@@ -629,7 +677,7 @@ class EditMassiveChannels(Intervention):
         chosen = tuple(sorted(random.Random(seed).sample(candidates[: pool * len(self.channels)], len(self.channels))))
         values = None
         if self.mode == "mean":
-            values = _channel_means(model, tokens, layers, self.positions, chosen)
+            values = _channel_means(model, tokens, layers, self.positions, chosen, self.largest_other)
         return dataclasses.replace(self, channels=chosen, values=values)
 
     def hooks(self, model) -> list[Hook]:
@@ -644,32 +692,52 @@ class EditMassiveChannels(Intervention):
         for position in self.positions:
             _check_position(model, position)
         if self.values is not None:
-            _check_shape("EditMassiveChannels values", self.values, (len(layers), len(self.channels)))
+            _check_shape("EditMassiveChannels values", self.values, (len(layers), self.n_slots, len(self.channels)))
         values = None if self.values is None else _tensor(self.values)
         positions, channels = list(self.positions), list(self.channels)
         hooks = []
         for index, layer in enumerate(layers):
             def edit(x, hook, index=index):
                 _check_seq(max(positions), x.shape[1], "EditMassiveChannels")
+                slots = _edited_slots(x, positions, channels, self.largest_other)  # [batch slot]
+                cols = torch.tensor(channels, device=x.device)
+                rows = torch.arange(x.shape[0], device=x.device)[:, None, None]
+                where = (rows, slots[:, :, None], cols[None, None, :])
                 x = x.clone()
-                rows = torch.tensor(positions, device=x.device)[:, None]
-                cols = torch.tensor(channels, device=x.device)[None, :]
                 if self.mode == "zero":
-                    x[:, rows, cols] = 0
+                    x[where] = 0
                 elif self.mode == "scale":
-                    x[:, rows, cols] = x[:, rows, cols] * self.factor
+                    x[where] = x[where] * self.factor
                 else:
-                    x[:, rows, cols] = values[index].to(x)[None, None, :]
+                    x[where] = values[index].to(x)[None].expand(x.shape[0], -1, -1)
                 return x
 
             hooks.append((f"blocks.{layer}.hook_resid_post", edit))
         return hooks
 
 
-def _channel_means(model, tokens, layers: list[int], positions, channels) -> Tensor:
-    rows, cols = torch.tensor(list(positions))[:, None], torch.tensor(list(channels))[None, :]
-    resid = _capture(model, tokens, "hook_resid_post", layers, None, lambda x: x[:, rows, cols])
-    return resid.mean(dim=(1, 2))  # [layer channel]
+def _edited_slots(x: Tensor, positions: list[int], channels: list[int], largest_other: bool) -> Tensor:
+    """[batch, slot] positions to edit in each row: ``positions``, then (``largest_other``) the
+    position outside them where ``max_c |x[row, p, c]|`` over ``channels`` is largest."""
+    fixed = torch.tensor(positions, device=x.device).expand(x.shape[0], -1)
+    if not largest_other:
+        return fixed
+    size = x[:, :, channels].abs().amax(dim=-1)  # [batch pos]
+    size[:, positions] = -1
+    return torch.cat([fixed, size.argmax(dim=1, keepdim=True)], dim=1)
+
+
+def _channel_means(model, tokens, layers: list[int], positions, channels, largest_other: bool = False) -> Tensor:
+    """[layer, slot, channel]: each edited slot's own mean over the reference sequences."""
+    cols = list(channels)
+
+    def select(x):
+        slots = _edited_slots(x, list(positions), cols, largest_other)  # [batch slot]
+        picked = x[torch.arange(x.shape[0])[:, None], slots]  # [batch slot d_model]
+        return picked[:, :, cols]
+
+    resid = _capture(model, tokens, "hook_resid_post", layers, None, select)  # [layer batch slot channel]
+    return resid.mean(dim=1)
 
 
 # --------------------------------------------------------------------------------------------

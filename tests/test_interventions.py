@@ -59,7 +59,7 @@ def every_intervention(model, tokens):
         AblateSinkValue.fit(model, tokens, mode="mean"),
         ReplaceSinkKey.fit(model, tokens),
         EditMassiveChannels(channels=(3, 5), mode="scale", factor=0.5),
-        EditMassiveChannels.fit(model, tokens, channels=(3,), mode="mean"),
+        EditMassiveChannels.fit(model, tokens, channels=(3,), layers="all", mode="mean", largest_other=True),
         PatchFirstTokenResidual.fit(model, tokens[:1]),
         ConstantAttentionBias(logit=[[0.5] * 6, [1.0] * 6], from_query=4),
         fit_constant_bias(model, tokens, from_query=4),
@@ -204,9 +204,58 @@ def test_massive_channel_edits(llama, tokens):
     assert all(torch.equal(unscaled[n], clean[n]) for n in names)
     mean = EditMassiveChannels.fit(llama, tokens, channels=(3, 7), layers=[0], mode="mean")
     expected = clean["blocks.0.hook_resid_post"][:, 0][:, [3, 7]].mean(0)
-    torch.testing.assert_close(torch.tensor(mean.values[0], dtype=torch.float32), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(mean.values[0][0], dtype=torch.float32), expected, rtol=0, atol=1e-6)
     _, edited = run(llama, tokens, mean, names=names[:1])
     torch.testing.assert_close(edited["blocks.0.hook_resid_post"][:, 0][:, [3, 7]], expected.expand(2, -1))
+    # Several positions: each gets its own mean (Sun et al.), not one mean shared by all of them.
+    two = EditMassiveChannels.fit(llama, tokens, channels=(3, 7), positions=(0, 2), layers=[1], mode="mean")
+    per_position = clean["blocks.1.hook_resid_post"][:, [0, 2]][..., [3, 7]].mean(0)  # [position channel]
+    torch.testing.assert_close(torch.tensor(two.values[0], dtype=torch.float32), per_position, rtol=0, atol=1e-6)
+    assert not torch.allclose(per_position[0], per_position[1])
+    _, edited = run(llama, tokens, two, names=names)
+    torch.testing.assert_close(edited["blocks.1.hook_resid_post"][:, [0, 2]][..., [3, 7]], per_position.expand(2, -1, -1))
+
+
+def test_largest_other_position_is_edited_per_sequence(llama, tokens):
+    names = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    spikes = {0: 5, 1: 11}  # row -> the position where channel 4 spikes after layer 0
+
+    def plant(x, hook):
+        x = x.clone()
+        for row, position in spikes.items():
+            x[row, position, 4] = 900.0
+        return x
+
+    with llama.hooks(fwd_hooks=[("blocks.0.hook_resid_post", plant)]):
+        _, clean = run(llama, tokens, names=names[:1])
+        _, zeroed = run(llama, tokens, EditMassiveChannels(channels=(4,), layers=[0], largest_other=True),
+                        names=names[:1])
+        mean = EditMassiveChannels.fit(llama, tokens, channels=(4,), layers=[0], mode="mean", largest_other=True)
+    after = zeroed["blocks.0.hook_resid_post"]
+    for row, position in spikes.items():
+        assert after[row, position, 4] == 0 and after[row, 0, 4] == 0
+        keep = [p for p in range(20) if p not in (0, position)]
+        torch.testing.assert_close(after[row, keep], clean["blocks.0.hook_resid_post"][row, keep])
+    assert len(mean.values[0]) == 2 and mean.values[0][1][0] == pytest.approx(900.0)  # the spike's own mean
+    assert mean.n_slots == 2
+
+
+def test_fit_edits_one_layer_the_first_where_the_channels_are_massive():
+    gpt2 = tiny_gpt2()
+    tokens = random_tokens(gpt2, 4, 12, seed=3)
+
+    def plant(out, hook):
+        out[:, 0, 7] += 5000.0
+        return out
+
+    with gpt2.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", plant)]):  # massive from layer 1 on
+        first = EditMassiveChannels.fit(gpt2, tokens)
+        every = EditMassiveChannels.fit(gpt2, tokens, layers="all")
+    assert first.channels == (7,) and first.layers == (1,) and every.layers is None
+    with pytest.raises(SinkInterpError, match="layers 'second': use 'first', 'all' or layer numbers"):
+        EditMassiveChannels.fit(gpt2, tokens, channels=(7,), layers="second")
+    with pytest.raises(SinkInterpError, match=r"channels \(3,\) are not massive at positions \(0,\)"):
+        EditMassiveChannels.fit(gpt2, tokens, channels=(3,))
 
 
 def test_fit_resolves_the_stable_channels_and_the_control_avoids_them():
@@ -219,12 +268,12 @@ def test_fit_resolves_the_stable_channels_and_the_control_avoids_them():
 
     with gpt2.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", plant)]):
         edit = EditMassiveChannels.fit(gpt2, tokens, mode="mean")
-        assert edit.channels == (7,) and edit.values[0][0] > 4000
+        assert edit.channels == (7,) and edit.values[0][0][0] > 4000
         control = edit.random_control(gpt2, tokens, seed=0)
         again = edit.random_control(gpt2, tokens, seed=0)
         other = [edit.random_control(gpt2, tokens, seed=s).channels for s in range(1, 6)]
     assert control == again and len(control.channels) == 1 and control.channels != (7,)
-    assert control.mode == "mean" and abs(control.values[0][0]) < 100
+    assert control.mode == "mean" and abs(control.values[0][0][0]) < 100
     assert len(set(other + [control.channels])) > 1  # seeds give different draws
     with pytest.raises(SinkInterpError, match="no massive channel at positions"):
         EditMassiveChannels.fit(gpt2, tokens)

@@ -54,7 +54,7 @@ SPEC = {
         {"name": "control", "control_for": "mask",
          "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
         {"name": "massive", "interventions": [{"type": "EditMassiveChannels", "channels": [3], "mode": "mean",
-                                                "fit": {"control": "random"}}]},
+                                                "layers": "all", "fit": {"control": "random"}}]},
         {"name": "value sweep", "sweep": "heads",
          "interventions": [{"type": "AblateSinkValue", "from_query": 8, "fit": {"mode": "mean"}}]},
     ],

@@ -81,7 +81,10 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                 source = (record.get("fit") or {}).get("source")
                 if record["type"] == "PatchFirstTokenResidual" and source not in (None, "mean", "other"):
                     resolve_token(model, source)
-                _layers(model, record.get("layers"))
+                layers = record.get("layers")
+                if not (record["type"] == "EditMassiveChannels" and record.get("fit") is not None
+                        and layers in ("first", "all")):
+                    _layers(model, layers)
                 if record["type"] == "AblateHeads":
                     from sinkinterp.interventions import _head_pairs
 
@@ -386,9 +389,17 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
     if out.exists() and not out.is_dir():
         raise SinkInterpError(f"--out {str(out)!r} exists and is not a folder")
     check_writable_folder(out, "--out")
-    with locked_folder(out, "sinkinterp run"):
-        _check_out(spec, out, resume)
-        return _run(spec, out, model, resume, progress, log)
+    created = not out.exists()
+    try:
+        with locked_folder(out, "sinkinterp run"):
+            _check_out(spec, out, resume)
+            return _run(spec, out, model, resume, progress, log)
+    except BaseException:
+        # A run refused or stopped before it wrote anything leaves no folder behind.
+        if created and out.is_dir() and [p.name for p in out.iterdir()] == [".lock"]:
+            (out / ".lock").unlink(missing_ok=True)
+            out.rmdir()
+        raise
 
 
 def _run(spec: ExperimentSpec, out: Path | None, model, resume: bool, progress: bool | None, log) -> dict[str, Any]:

@@ -315,6 +315,9 @@ def _validate(spec: ExperimentSpec) -> None:
                 _fail(f"{where}.fit", f"unknown option {bad[0]!r} for {kind}; allowed: "
                       + "; ".join(f"{k} ({v})" for k, v in options.items()))
             _check_positions(plain, data.seq_len, where)
+            if isinstance(plain.get("layers"), str) and not (kind == "EditMassiveChannels" and plain["layers"] in ("first", "all")):
+                _fail(f"{where}.layers", f"{plain['layers']!r}: give layer numbers (a fitted EditMassiveChannels also "
+                      "takes 'first', the first massive layer, its default, or 'all')")
             token_patch = kind == "PatchFirstTokenResidual" and fit.get("source") not in ("mean", "other")
             if kind != "MaskSinkKey" and not token_patch:
                 needs_calibration.append(where)
