@@ -88,8 +88,10 @@ def check_tokens(model, tokens) -> None:
         raise SinkInterpError(
             f"tokens must be a torch tensor of token ids [n_seqs, seq_len], got {type(tokens).__name__}"
         )
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise SinkInterpError(f"tokens must hold integer token ids, got dtype {tokens.dtype}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        hint = ": convert with tokens.long()" if not (tokens.dtype.is_floating_point or tokens.dtype.is_complex
+                                                      or tokens.dtype == torch.bool) else ""
+        raise SinkInterpError(f"tokens must hold integer token ids (int64 or int32), got dtype {tokens.dtype}{hint}")
     if tokens.ndim != 2:
         hint = ": for one sequence pass tokens[None]" if tokens.ndim == 1 else ""
         raise SinkInterpError(
@@ -160,13 +162,38 @@ def check_mask(model, tokens: Tensor, attention_mask) -> tuple[Tensor, Tensor]:
 
 
 def check_eps(eps) -> tuple[float, ...]:
+    if isinstance(eps, Tensor):
+        eps = eps.tolist()
+    if isinstance(eps, (str, bytes)) or eps is None or not isinstance(eps, (int, float, list, tuple)):
+        raise SinkInterpError(f"eps must be a number or a list of numbers in (0, 1), e.g. (0.3, 0.8); got {eps!r}")
     values = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
     if not values:
         raise SinkInterpError("eps is empty: give at least one threshold in (0, 1), e.g. (0.3, 0.8)")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
             raise SinkInterpError(f"eps {value!r} is outside (0, 1): a sink threshold is a share of attention")
+    if len(set(values)) != len(values):
+        raise SinkInterpError(f"eps {values} repeats a threshold")
     return tuple(float(v) for v in values)
+
+
+def check_bool(label: str, value) -> bool:
+    """``value`` if it is True or False: a string such as 'no' would otherwise count as True."""
+    if not isinstance(value, bool):
+        raise SinkInterpError(f"{label} must be True or False, got {value!r}")
+    return value
+
+
+#: Seeds are integers in this range (what torch.Generator.manual_seed takes); None is refused,
+#: because it would give different data on every call.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed, label: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise SinkInterpError(f"{label} must be an integer in 0..2**63-1 (results are reproducible only with a "
+                              f"fixed seed), got {seed!r}")
+    return seed
 
 
 def check_hooks_exist(model, names: Iterable[str]) -> None:

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from sinkinterp._batches import check_seed
 from sinkinterp.errors import SinkInterpError
 
 __all__ = [
@@ -162,7 +163,7 @@ def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str
     ids = _text_ids(model, corpus_text() if text is None else text)
     if len(ids) < n_text:
         raise SinkInterpError(f"the text has {len(ids)} tokens, fewer than one window of {n_text}")
-    rng = random.Random(seed)
+    rng = random.Random(check_seed(seed))
     starts = [rng.randrange(len(ids) - n_text + 1) for _ in range(n_seqs)]
     return _with_first(torch.tensor([ids[s : s + n_text] for s in starts], dtype=torch.long), first_id)
 
@@ -197,7 +198,7 @@ def random_tokens(
     first_id = _first_id(model, first_token)
     _check_counts(n_seqs, seq_len, model, min_len=1 if first_id is None else 2)
     allowed = _allowed_ids(model)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     n_random = seq_len - (first_id is not None)
     picks = torch.randint(len(allowed), (n_seqs, n_random), generator=generator)
     return _with_first(allowed[picks], first_id)
@@ -385,7 +386,7 @@ def needle_prompts(
     corpus = _text_ids(model, text)
     first_id = _first_id(model, first_token)
     prefix = [] if first_id is None else [first_id]
-    rng = random.Random(seed)
+    rng = random.Random(check_seed(seed))
     rows, starts, lengths, needles, questions = [], [], [], [], []
     for row in range(n_prompts):
         name = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"

@@ -13,6 +13,7 @@ closes them, which is what the CLI's ``--figures DIR`` does. The plots follow th
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,16 @@ def save_figures(figures: Mapping[str, Any], directory) -> list[Path]:
     plt = _pyplot()
     directory = Path(directory)
     paths = []
+    if not isinstance(figures, Mapping):
+        raise SinkInterpError(f"figures must be a mapping name -> matplotlib figure, got {type(figures).__name__}")
+    for name, figure in figures.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name) or ".." in name:
+            raise SinkInterpError(f"figure name {name!r} must be a plain file stem (letters, digits, '_', '-', '.')")
+        if not hasattr(figure, "savefig"):
+            raise SinkInterpError(f"figure {name!r} is not a matplotlib figure, got {type(figure).__name__}")
+    from sinkinterp._io import check_writable_folder
+
+    check_writable_folder(directory, "figures folder")
     for name, figure in figures.items():
         paths.append(atomic_write_bytes(directory / f"{name}.png", figure_png(figure)))
         plt.close(figure)

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sinkinterp._batches import Batch, Reducer, check_int, stream
+from sinkinterp._batches import Batch, Reducer, check_bool, check_int, check_seed, stream
 from sinkinterp.backends import attention_windows, capabilities, final_logits, is_hooked_transformer
 from sinkinterp.data import (
     NeedlePrompts,
@@ -98,6 +98,10 @@ class RepeatedTokens:
     offset: int = 0  # 1 when a first token (BOS) precedes the two halves
 
     def __post_init__(self):
+        if not isinstance(self.tokens, Tensor) or self.tokens.ndim != 2:
+            raise SinkInterpError(f"RepeatedTokens.tokens must be a 2-D tensor [n_seqs, pos], got {type(self.tokens).__name__}")
+        check_int("half_len", self.half_len, 1)
+        check_int("offset", self.offset, 0)
         if self.tokens.shape[1] != self.offset + 2 * self.half_len:
             raise SinkInterpError(
                 f"repeated tokens have {self.tokens.shape[1]} positions, expected offset {self.offset} + "
@@ -356,7 +360,14 @@ def head_scores(model, data: dict[str, Any], scorers: Sequence[str] | None = Non
 
     Returns ``{name: [layers, heads]}`` and ``{name + "_raw": ...}`` for scorers with a raw form.
     """
+    if isinstance(scorers, str):
+        raise SinkInterpError(f"scorers must be a list of scorer names, got the string {scorers!r}: use [{scorers!r}]")
+    if not isinstance(data, dict):
+        raise SinkInterpError(f"data must be a dict such as {{'repeated': RepeatedTokens, 'text': tokens}}, "
+                              f"got {type(data).__name__}")
     names = _check_names(SCORERS if scorers is None else scorers, list(SCORERS), "scorer")
+    if not names:
+        raise SinkInterpError(f"scorers is empty: name at least one of {', '.join(SCORERS)}")
     results: dict[str, Tensor] = {}
     for kind in ("repeated", "text", "needle"):
         chosen = [SCORERS[n] for n in names if SCORERS[n].data == kind]
@@ -365,6 +376,9 @@ def head_scores(model, data: dict[str, Any], scorers: Sequence[str] | None = Non
         if kind not in data:
             raise SinkInterpError(f"scorer {chosen[0].name!r} needs {kind!r} data; got {', '.join(data) or 'none'}")
         value = data[kind]
+        wanted = {"repeated": RepeatedTokens, "needle": NeedlePrompts}.get(kind)
+        if wanted is not None and not isinstance(value, wanted):
+            raise SinkInterpError(f"data[{kind!r}] must be {wanted.__name__}, got {type(value).__name__}")
         tokens = value.tokens if isinstance(value, (RepeatedTokens, NeedlePrompts)) else value
         reducers = [scorer.make(model, value) for scorer in chosen]
         stream(model, tokens, reducers, batch_size=batch_size, progress=progress, description=f"{kind} scores")
@@ -455,6 +469,15 @@ def greedy_recall(model, data: NeedlePrompts, *, extra_steps: int = 4, batch_siz
     ``score_wu`` over the prompts Wu's rule passes, plus per prompt the response, both ROUGE-1
     recalls and whether it reproduces the needle exactly.
     """
+    if not isinstance(data, NeedlePrompts):
+        raise SinkInterpError(f"greedy_recall takes NeedlePrompts (see needle_prompts), got {type(data).__name__}")
+    check_int("extra_steps", extra_steps, 0)
+    check_int("batch_size", batch_size, 1)
+    if isinstance(success, bool) or not isinstance(success, (int, float)) or not 0 <= success < 1:
+        raise SinkInterpError(f"success must be a ROUGE-1 recall in [0, 1), got {success!r}")
+    if data.prompt_len + int(data.needle_len.max()) + extra_steps > model.cfg.n_ctx:
+        raise SinkInterpError(f"prompts of {data.prompt_len} tokens plus {int(data.needle_len.max()) + extra_steps} "
+                              f"generated exceed the model's context n_ctx = {model.cfg.n_ctx}: lower extra_steps")
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise SinkInterpError("greedy recall decodes the model's answers and needs a tokenizer")
@@ -605,6 +628,9 @@ def classify_heads(
     from sinkinterp.metrics import head_frame, qk_massive_values
 
     thresholds = _check_thresholds(thresholds)
+    check_seed(seed)
+    check_bool("greedy", greedy)
+    check_bool("qk", qk)
     if isinstance(min_non_sink_mass, bool) or not isinstance(min_non_sink_mass, (int, float)) \
             or not 0 <= min_non_sink_mass < 1:
         raise SinkInterpError(f"min_non_sink_mass {min_non_sink_mass!r} must be a number in [0, 1)")
@@ -810,7 +836,13 @@ class HeadValidation:
                                     n_resamples=self.n_resamples, seed=self.seed)
             return est.to_dict()
 
+        if set(self.conditions["recall"]) == set(self.conditions["induction"]):
+            # Identical sets: every recall - induction gap is exactly 0 by construction, not evidence.
+            return {"testable": False, "holds": None,
+                    "why": f"the top {self.k} recall and induction heads are the same heads; try sets='exclusive' "
+                           "or another k"}
         record = {
+            "testable": True,
             "needle_loss: recall - induction": gap("needle_loss", "recall", "induction"),
             "needle_loss: recall - random": gap("needle_loss", "recall", "random"),
             "induction_loss: induction - recall": gap("induction_loss", "induction", "recall"),
@@ -847,9 +879,12 @@ class HeadValidation:
                     text += f"   delta {row.delta:+.3f} [{row.delta_low:+.3f}, {row.delta_high:+.3f}]"
                 lines.append(text)
         diss = self.dissociation()
+        if not diss["testable"]:
+            lines.append(f"  double dissociation: not testable ({diss['why']})")
+            return "\n".join(lines)
         lines.append(f"  double dissociation: {'holds' if diss['holds'] else 'does not hold'}")
         for key, value in diss.items():
-            if key != "holds":
+            if key not in ("holds", "testable"):
                 lines.append(f"    {key:<38} {value['value']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]")
         return "\n".join(lines)
 
@@ -884,8 +919,13 @@ def validate_heads(
     ``"zero"`` also removes the constant it writes, which for a sink-dominated head is the sink's
     value, known to cost loss by itself.
     """
+    from sinkinterp.experiments.stats import _check_options
     from sinkinterp.interventions import AblateHeads
 
+    if not isinstance(table, pd.DataFrame):
+        raise SinkInterpError(f"validate_heads takes the table from classify_heads, got {type(table).__name__}")
+    check_seed(seed)
+    _check_options(n_resamples, 0.95)
     if ablation not in ("mean", "zero"):
         raise SinkInterpError(f"ablation {ablation!r} is not one of 'mean', 'zero'")
     for label in ("recall", "induction"):

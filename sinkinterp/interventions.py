@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sinkinterp._batches import check_int, check_tokens
+from sinkinterp._batches import check_bool, check_int, check_seed, check_tokens
 from sinkinterp.backends import attention_windows, require
 from sinkinterp.errors import SinkInterpError
 
@@ -65,6 +65,10 @@ def _freeze(value):
     return value
 
 
+#: Largest magnitude a stored value may have (about float32's range): beyond it, activations overflow.
+_LARGEST = 1e30
+
+
 def _frozen(owner, name: str, *, minus_inf: bool = False):
     """``owner.<name>`` frozen to nested tuples, refusing anything but finite numbers in it (a NaN
     or inf stored in an intervention would reach the logits and then results.json as bare NaN).
@@ -76,9 +80,10 @@ def _frozen(owner, name: str, *, minus_inf: bool = False):
             for item in leaf:
                 check(item)
         elif (isinstance(leaf, bool) or not isinstance(leaf, (int, float))
-              or not (math.isfinite(leaf) or (minus_inf and leaf == -math.inf))):
+              or not ((math.isfinite(leaf) and abs(leaf) <= _LARGEST) or (minus_inf and leaf == -math.inf))):
             allowed = "finite numbers or -inf" if minus_inf else "finite numbers"
-            raise SinkInterpError(f"{type(owner).__name__} {name} holds {leaf!r}: only {allowed} are allowed")
+            raise SinkInterpError(f"{type(owner).__name__} {name} holds {leaf!r}: only {allowed} of magnitude at "
+                                  f"most {_LARGEST:g} are allowed (larger ones overflow float32 activations)")
 
     if value is not None:
         check(value)
@@ -244,6 +249,8 @@ class Intervention:
         if not isinstance(record, dict) or "type" not in record:
             raise SinkInterpError(f"an intervention record is a dict with a 'type' key, got {record!r}")
         name = record["type"]
+        if not isinstance(name, str):
+            raise SinkInterpError(f"an intervention's 'type' is a name such as 'MaskSinkKey', got {name!r}")
         cls = INTERVENTIONS.get(name)
         if cls is None:
             allowed = ", ".join(sorted(INTERVENTIONS))
@@ -376,6 +383,9 @@ class AblateSinkValue(Intervention):
         """``"mean"``: the sink's value averaged over ``tokens``; ``"patch"``: the sink value of
         ``tokens`` (one sequence, another input)."""
         _check_mode("AblateSinkValue.fit", mode, ("mean", "patch"))
+        check_tokens(model, tokens)
+        check_int("position", position)
+        _check_seq(position, tokens.shape[1], "reference")
         if mode == "patch" and tokens.shape[0] != 1:
             raise SinkInterpError(f"mode 'patch' takes one source sequence, got {tokens.shape[0]}")
         selected_layers, selected_heads = _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
@@ -487,6 +497,9 @@ class ReplaceSinkKey(Intervention):
         """``"mean_other"``: keys of every other position of ``tokens``, averaged; ``"patch"``: the
         key at ``position`` of ``tokens`` (one sequence, another input)."""
         _check_mode("ReplaceSinkKey", mode, cls.MODES)
+        check_tokens(model, tokens)
+        check_int("position", position)
+        _check_seq(position, tokens.shape[1], "reference")
         selected_layers = _layers(model, _ints("layers", layers))
         kv_heads = _kv_heads(model, _heads(model, _ints("heads", heads)), heads)
         if mode == "patch":
@@ -576,6 +589,8 @@ class EditMassiveChannels(Intervention):
     def __post_init__(self):
         object.__setattr__(self, "channels", _ints("channels", self.channels))
         object.__setattr__(self, "positions", _ints("positions", self.positions))
+        for position in self.positions or ():
+            check_int("EditMassiveChannels position", position)
         _norm_common(self, heads=False)
         _check_mode("EditMassiveChannels", self.mode, self.MODES)
         object.__setattr__(self, "values", _frozen(self, "values"))
@@ -613,7 +628,14 @@ class EditMassiveChannels(Intervention):
         reference mean of each channel after each selected block."""
         from sinkinterp.metrics import find_massive_activations, stable_massive_channels
 
+        check_tokens(model, tokens)
+        check_bool("largest_other", largest_other)
         positions = _ints("positions", positions)
+        for position in positions or ():
+            check_int("position", position)
+            _check_seq(position, tokens.shape[1], "reference")
+        if channels is not None:
+            _select("channel", _ints("channels", channels), model.cfg.d_model, "residual channels")
         if not isinstance(min_fraction, (int, float)) or isinstance(min_fraction, bool) or not 0 < min_fraction <= 1:
             raise SinkInterpError(f"min_fraction {min_fraction!r} must be a number in (0, 1]")
         found = None
@@ -674,7 +696,8 @@ class EditMassiveChannels(Intervention):
         target = typical[list(self.channels)].median().clamp(min=1e-12).log()
         candidates = [c for c in range(model.cfg.d_model) if c not in massive]
         candidates.sort(key=lambda c: abs(float(typical[c].clamp(min=1e-12).log() - target)))
-        chosen = tuple(sorted(random.Random(seed).sample(candidates[: pool * len(self.channels)], len(self.channels))))
+        check_int("pool", pool, 1)
+        chosen = tuple(sorted(random.Random(check_seed(seed)).sample(candidates[: pool * len(self.channels)], len(self.channels))))
         values = None
         if self.mode == "mean":
             values = _channel_means(model, tokens, layers, self.positions, chosen, self.largest_other)
@@ -780,11 +803,14 @@ class PatchFirstTokenResidual(Intervention):
         if hook not in _RESID_HOOKS:
             raise SinkInterpError(f"hook {hook!r} is not one of {', '.join(map(repr, _RESID_HOOKS))}")
         selected = _layers(model, _ints("layers", layers))
+        check_int("position", position)
         if isinstance(source, Tensor):
+            check_tokens(model, source)
             tokens, description = source, f"tokens ({source.shape[0]} rows)"
-        elif source == "mean":
+        elif isinstance(source, str) and source == "mean":
             if reference is None:
                 raise SinkInterpError("source 'mean' needs reference tokens: pass reference=...")
+            check_tokens(model, reference)
             tokens, description = reference, f"mean over {reference.shape[0]} reference sequences"
         elif isinstance(source, (str, int)) and not isinstance(source, bool):
             if position != 0:
@@ -860,6 +886,10 @@ class ConstantAttentionBias(Intervention):
 
     def __post_init__(self):
         _norm_common(self)
+        check_bool("replace_sink", self.replace_sink)
+        if self.method not in ("given", "moments", "gradient"):
+            raise SinkInterpError(f"ConstantAttentionBias method {self.method!r} is not one of 'given', 'moments', "
+                                  "'gradient' (it records where the numbers came from)")
         check_int("position", self.position)
         _check_from_query(self.from_query, self.position)
         logit = _frozen(self, "logit", minus_inf=True)
@@ -975,9 +1005,18 @@ def fit_constant_bias(
     i >= from_query, with the model frozen. Evaluate on held-out tokens. ``history``, if given a
     list, receives each step's mini-batch loss; ``progress`` shows a bar.
     """
+    if history is not None and not isinstance(history, list):
+        raise SinkInterpError(f"history must be a list (it receives each step's loss) or None, got {history!r}")
     history = [] if history is None else history
     if method not in ("moments", "gradient"):
         raise SinkInterpError(f"fit_constant_bias method {method!r} is not one of 'moments', 'gradient'")
+    check_bool("with_value", with_value)
+    if method == "gradient":
+        check_int("steps", steps, 1)
+        check_int("batch_size", batch_size, 1)
+        check_seed(seed)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 10:
+            raise SinkInterpError(f"lr must be a number in (0, 10], got {lr!r}")
     check_tokens(model, tokens)
     _check_from_query(from_query, position)
     if tokens.shape[1] <= from_query + 1:
@@ -1120,6 +1159,8 @@ class AblateHeads(Intervention):
     def fit(cls, model, tokens: Int[Tensor, "batch pos"], *, heads, from_query: int = 1) -> AblateHeads:
         """Each head's ``z`` averaged over ``tokens`` at positions >= ``from_query``."""
         pairs = _head_pairs(model, cls(heads=heads, mode="zero").heads)
+        check_tokens(model, tokens)
+        check_int("from_query", from_query)
         layers = sorted({layer for layer, _ in pairs})
         _check_seq(from_query, tokens.shape[1], "AblateHeads.fit from_query")
         z = _capture(model, tokens, "attn.hook_z", layers, None, lambda x: x[:, from_query:].mean(dim=(0, 1)))
@@ -1141,6 +1182,7 @@ class AblateHeads(Intervention):
             heads = [pairs[i][1] for i in indices]
 
             def ablate(z, hook, heads=heads, indices=indices):
+                _check_seq(0, z.shape[1], "AblateHeads", fq)
                 z = z.clone()
                 if value is None:
                     z[:, fq:, heads] = 0

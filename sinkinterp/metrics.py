@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from sinkinterp._batches import Batch, Reducer, check_eps, check_int, check_tokens, stream
+from sinkinterp._batches import Batch, Reducer, check_bool, check_eps, check_int, check_tokens, stream
 from sinkinterp.backends import attention_windows, require, visible
 from sinkinterp.errors import SinkInterpError
 
@@ -198,7 +198,8 @@ class SinkReport:
 
     def strongest_heads(self, n: int = 10, position: int = 0) -> pd.DataFrame:
         """The ``n`` heads with the largest alpha at ``position``."""
-        values = self.alpha[:, :, position]
+        check_int("n", n, 1)
+        values = self.alpha[:, :, self._position(position)]
         order = values.flatten().argsort(descending=True)[:n]
         rows = [
             (int(i) // self.n_heads, int(i) % self.n_heads, float(values.flatten()[i])) for i in order
@@ -1007,6 +1008,7 @@ def qk_massive_values(
     i >= 1 of ``tokens``. ``rotated=False`` reads q and k before the rotary embedding (a rotation
     mixes each frequency pair's two dimensions, so per-dimension sizes are defined before it)."""
     ratio = _check_positive("ratio", ratio)
+    check_bool("rotated", rotated)
     if rotated and "blocks.0.attn.hook_rot_q" not in model.hook_dict:
         raise SinkInterpError("rotated=True needs a rotary model (hook_rot_q); this model has none")
     if rotated:

@@ -13,7 +13,7 @@ import pandas as pd
 from jaxtyping import Int
 from torch import Tensor
 
-from sinkinterp._batches import check_eps, check_tokens, stream
+from sinkinterp._batches import check_eps, check_int, check_tokens, stream
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.metrics import (
     ResidualProfile,
@@ -159,6 +159,7 @@ def scan(
     """Sink scores and massive activations of ``tokens`` in one pass (one forward per mini-batch)."""
     eps = check_eps(eps)
     check_tokens(model, tokens)
+    check_int("min_queries", min_queries, 1)
     sinks = _SinkReducer(model, tokens.shape[1], eps, min_queries)
     massive = _massive_reducer(model, min_abs, min_ratio)
     profile = _ProfileReducer(model, k=3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import json
+import warnings
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sinkinterp._batches import check_bool, check_int
 from sinkinterp.backends import attention_windows
+from sinkinterp.interventions import Intervention
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.metrics import alpha_at
 
@@ -181,17 +184,25 @@ def _check_size(n_tokens: int, n_heads: int, max_tokens: int) -> None:
         )
 
 
-def _head_panel(pattern: Tensor, hide_sink: bool, sink: int, window: int | None = None) -> tuple[Tensor, float]:
+#: With the sink hidden, a head whose rows keep less than this share of their attention off the
+#: sink (mean over queries i > sink) shows renormalised noise: the view warns and says so.
+MIN_REST_MASS = 0.01
+
+
+def _head_panel(pattern: Tensor, hide_sink: bool, sink: int, window: int | None = None
+                ) -> tuple[Tensor, float, float | None]:
     """One head's [query, key] pattern, optionally with the sink column removed and the rest of
-    each row renormalised; and its sink score on this input, mean A[i, sink] over the queries that
-    see the sink (i >= sink, and i - sink < window in a sliding-window layer)."""
+    each row renormalised; its sink score on this input, mean A[i, sink] over the queries that
+    see the sink (i >= sink, and i - sink < window in a sliding-window layer); and, with the sink
+    hidden, the mean attention that was left to renormalise (rows i > sink)."""
     alpha = float(alpha_at(pattern[None, None], sink, window)[0, 0])
     if not hide_sink:
-        return pattern, alpha
+        return pattern, alpha, None
     rest = pattern.clone()
     rest[:, sink] = 0
     total = rest.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, rest / total.clamp(min=1e-12), rest), alpha
+    kept = float(total[sink + 1:].mean()) if pattern.shape[0] > sink + 1 else 1.0
+    return torch.where(total > 0, rest / total.clamp(min=1e-12), rest), alpha, kept
 
 
 def attention_view(
@@ -214,19 +225,35 @@ def attention_view(
     the head does besides resting on the sink becomes visible. ``interventions`` are applied
     during the forward (see :func:`compare_view` for clean and intervened side by side).
     """
+    check_bool("hide_sink", hide_sink)
+    check_int("max_tokens", max_tokens, 2)
+    if not isinstance(title, str):
+        raise SinkInterpError(f"title must be a string, got {title!r}")
+    if isinstance(interventions, Intervention) or not isinstance(interventions, (list, tuple)):
+        raise SinkInterpError(f"interventions must be a list of Intervention values, got {interventions!r}")
     ids = _view_tokens(model, tokens)
     chosen_layers, chosen_heads = _selection(model, layers, heads)
     _check_size(ids.shape[1], len(chosen_layers) * len(chosen_heads), max_tokens)
+    check_int("sink_position", sink_position)
     if not 0 <= sink_position < ids.shape[1]:
         raise SinkInterpError(f"sink_position {sink_position} is outside this input's {ids.shape[1]} tokens")
     kept = _patterns(model, ids, chosen_layers, interventions)
     windows = attention_windows(model)
-    panels, names = [], []
+    panels, names, noisy = [], [], []
     for layer in chosen_layers:
         for head in chosen_heads:
-            panel, alpha = _head_panel(kept[layer][head], hide_sink, sink_position, windows[layer])
+            panel, alpha, rest = _head_panel(kept[layer][head], hide_sink, sink_position, windows[layer])
+            if rest is not None and rest < MIN_REST_MASS:
+                noisy.append(f"L{layer}H{head} ({rest:.2g})")
             panels.append(panel)
-            names.append(f"L{layer}H{head} sink={alpha:.2f}{' (sink hidden)' if hide_sink else ''}")
+            hidden = "" if rest is None else (f" (sink hidden: rows rescaled from {rest:.1%} of their attention"
+                                              f"{', noise' if rest < MIN_REST_MASS else ''})")
+            names.append(f"L{layer}H{head} sink={alpha:.2f}{hidden}")
+    if noisy:
+        warnings.warn(
+            f"hide_sink=True on heads that keep less than {MIN_REST_MASS:.0%} of their attention off the sink: "
+            f"{', '.join(noisy[:8])}{' ...' if len(noisy) > 8 else ''}; their rows are rescaled noise, not a pattern",
+            stacklevel=2)
     return _make_view(_token_strings(model, ids), torch.stack(panels), tuple(names), title, element_id)
 
 
@@ -252,8 +279,12 @@ def compare_view(
     element_id: str | None = None,
 ) -> AttentionView:
     """Each chosen head clean and under ``interventions``, side by side (clean first)."""
+    if isinstance(interventions, Intervention) or not isinstance(interventions, (list, tuple)):
+        raise SinkInterpError(f"interventions must be a list of Intervention values, got {interventions!r}")
     if not interventions:
         raise SinkInterpError("compare_view needs at least one intervention to compare against the clean run")
+    if not isinstance(label, str):
+        raise SinkInterpError(f"label must be a string, got {label!r}")
     clean = attention_view(model, tokens, layers=layers, heads=heads, hide_sink=hide_sink, max_tokens=max_tokens)
     _check_size(len(clean.tokens), 2 * len(clean.head_names), max_tokens)
     edited = attention_view(model, tokens, layers=layers, heads=heads, hide_sink=hide_sink,

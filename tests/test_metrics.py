@@ -274,7 +274,8 @@ def test_bad_tokens_are_refused(gpt2, tokens, message):
 @pytest.mark.parametrize(
     "tokens, message",
     [
-        (torch.zeros(1, 4), "tokens must hold integer token ids, got dtype torch.float32"),
+        (torch.zeros(1, 4), "tokens must hold integer token ids (int64 or int32), got dtype torch.float32"),
+        (torch.zeros(1, 4, dtype=torch.uint8), "got dtype torch.uint8: convert with tokens.long()"),
         ([[1, 2, 3]], "tokens must be a torch tensor of token ids [n_seqs, seq_len], got list"),
     ],
 )

@@ -180,3 +180,60 @@ def test_check_writable_file_names_the_problem(tmp_path):
         check_writable_file(tmp_path, "--json")
     assert check_writable_file(tmp_path / "new" / "deeper" / "x.json", "--json", (".json",)).name == "x.json"
     assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# ------------------------------------------------------------------ the API: bad values get SinkInterpError
+
+
+@pytest.fixture(scope="module")
+def api_outcomes():
+    """Run tests/bad_api.py in a plain interpreter: the suite's runtime type checker (jaxtyping with
+    beartype) would otherwise answer annotated arguments first, and users do not run it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "tests.bad_api"], cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_bad_api_values_get_a_sinkinterp_error(api_outcomes):
+    from tests.bad_api import CASES
+
+    assert len(api_outcomes) == len(CASES)
+    wrong = [(i, CASES[i][0], outcome) for i, outcome in enumerate(api_outcomes)
+             if outcome["type"] != "SinkInterpError" or not outcome["matches"] or outcome["hooks_left"]]
+    assert wrong == []
+
+
+def test_spec_fit_options_and_seeds_are_checked_when_the_spec_is_read():
+    import copy
+
+    record = load_spec("implicit-bias").to_dict()
+    index = next(i for i, c in enumerate(record["conditions"])
+                 if c["interventions"] and (c["interventions"][0].get("fit") or {}).get("method"))
+    with pytest.raises(SinkInterpError, match=r"spec.seed: 1180591620717411303424 is outside 0..2\*\*63-1"):
+        ExperimentSpec.from_dict({**record, "seed": 2**70})
+    for key, value, message in [("steps", 0, r"fit.steps: 0 is not int"), ("lr", -1, r"fit.lr: -1 is not float"),
+                                ("with_value", "no", r"fit.with_value: 'no' is not bool"),
+                                ("method", "adam", r"fit.method: 'adam' is not 'moments' or 'gradient'")]:
+        bad = copy.deepcopy(record)
+        bad["conditions"][index]["interventions"][0]["fit"][key] = value
+        with pytest.raises(SinkInterpError, match=message):
+            ExperimentSpec.from_dict(bad)
+
+
+def test_identical_recall_and_induction_sets_are_not_a_dissociation():
+    from sinkinterp.heads import HeadValidation
+
+    heads = ((0, 1), (1, 2))
+    values = {"needle_loss": [1.0, 2.0, 3.0], "needle_accuracy": [0.5, 0.5, 0.5], "induction_loss": [2.0, 2.0, 3.0]}
+    result = HeadValidation(k=2, ablation="mean", sets="top", n_resamples=200, seed=0, data={},
+                            conditions={"clean": (), "recall": heads, "induction": heads[::-1], "random-0": ((2, 0),)},
+                            per_seq={name: values for name in ("clean", "recall", "induction", "random", "random-0")})
+    record = result.dissociation()
+    assert record["testable"] is False and record["holds"] is None and "are the same heads" in record["why"]
+    assert "double dissociation: not testable" in str(result)

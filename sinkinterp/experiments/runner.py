@@ -383,6 +383,8 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
     """
     if not isinstance(spec, ExperimentSpec):
         raise SinkInterpError(f"run_experiment takes an ExperimentSpec (see load_spec), got {type(spec).__name__}")
+    if not callable(log):
+        raise SinkInterpError(f"log must be a function taking one line of text (print, list.append), got {log!r}")
     if out is None:
         return _run(spec, None, model, resume, progress, log)
     out = Path(out)

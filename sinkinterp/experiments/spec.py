@@ -252,6 +252,9 @@ def _validate(spec: ExperimentSpec) -> None:
     _at_least("spec.data.n_calibration", data.n_calibration, 0)
     _at_least("spec.data.batch_size", data.batch_size, 1)
     _at_least("spec.sweep_rows", spec.sweep_rows, 1)
+    for where, seed in (("spec.seed", spec.seed), ("spec.data.seed", data.seed)):
+        if not 0 <= seed <= 2**63 - 1:
+            _fail(where, f"{seed} is outside 0..2**63-1")
     if not 0 <= spec.loss_from < data.seq_len - 1:
         _fail("spec.loss_from", f"{spec.loss_from} leaves no scored query in sequences of {data.seq_len} "
               f"tokens: allowed 0..{data.seq_len - 2}")
@@ -314,6 +317,10 @@ def _validate(spec: ExperimentSpec) -> None:
             if bad:
                 _fail(f"{where}.fit", f"unknown option {bad[0]!r} for {kind}; allowed: "
                       + "; ".join(f"{k} ({v})" for k, v in options.items()))
+            for key, value in fit.items():
+                check = _FIT_CHECKS.get((kind, key))
+                if check is not None and not check(value):
+                    _fail(f"{where}.fit.{key}", f"{value!r} is not {options[key]}")
             _check_positions(plain, data.seq_len, where)
             if isinstance(plain.get("layers"), str) and not (kind == "EditMassiveChannels" and plain["layers"] in ("first", "all")):
                 _fail(f"{where}.layers", f"{plain['layers']!r}: give layer numbers (a fitted EditMassiveChannels also "
@@ -330,6 +337,34 @@ def _validate(spec: ExperimentSpec) -> None:
 
     for i, criterion in enumerate(spec.criteria):
         _validate_criterion(spec, criterion, f"spec.criteria[{i}]", names)
+
+
+def _is_int(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _is_number(low, high, open_low: bool = True):
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and (low < v if open_low else low <= v) and v <= high)
+
+
+# The type of each fit option, checked when the spec is read (not partway through a run).
+_FIT_CHECKS = {
+    ("MaskSinkKey", "position"): lambda v: v == "random",
+    ("MaskSinkKey", "low"): _is_int(0),
+    ("AblateSinkValue", "mode"): lambda v: v in ("mean", "patch"),
+    ("ReplaceSinkKey", "mode"): lambda v: v in ("mean_other", "patch"),
+    ("EditMassiveChannels", "min_fraction"): _is_number(0, 1),
+    ("EditMassiveChannels", "control"): lambda v: v in ("random", None),
+    ("EditMassiveChannels", "pool"): _is_int(1),
+    ("PatchFirstTokenResidual", "source"): lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+    ("ConstantAttentionBias", "method"): lambda v: v in ("moments", "gradient"),
+    ("ConstantAttentionBias", "steps"): _is_int(1),
+    ("ConstantAttentionBias", "lr"): _is_number(0, 10),
+    ("ConstantAttentionBias", "batch_size"): _is_int(1),
+    ("ConstantAttentionBias", "with_value"): lambda v: isinstance(v, bool),
+    ("AblateHeads", "mode"): lambda v: v == "mean",
+}
 
 
 def _intervention_from_dict(record: dict, where: str):
@@ -383,6 +418,10 @@ def builtin_specs() -> dict[str, Path]:
 
 def load_spec(spec_or_name: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentSpec:
     """Read a YAML spec file, or a built-in spec by name (see :func:`builtin_specs`)."""
+    if not isinstance(spec_or_name, (str, Path)):
+        raise SinkInterpError(f"load_spec takes a spec file path or a built-in name, got {spec_or_name!r}")
+    if overrides is not None and (not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides)):
+        raise SinkInterpError(f"overrides must be a dict of dotted keys (e.g. {{'data.n_seqs': 8}}), got {overrides!r}")
     builtin = builtin_specs()
     path = builtin.get(str(spec_or_name), Path(spec_or_name))
     if not path.is_file():

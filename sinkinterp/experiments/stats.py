@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from sinkinterp._batches import check_seed
 from sinkinterp.errors import SinkInterpError
 
 #: Most bootstrap resamples: each resample holds a row of n sequence indices (int64) and values.
@@ -41,8 +42,17 @@ class Estimate:
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
 
 
+def _as_float64(values, name: str) -> Tensor:
+    try:
+        return torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise SinkInterpError(f"{name} must be numbers (a list or tensor), got {type(values).__name__}") from None
+
+
 def _check(values, name: str) -> Tensor:
-    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    x = _as_float64(values, name)
+    if x.dim() != 1:
+        raise SinkInterpError(f"{name} must hold one number per sequence (1-D), got shape {tuple(x.shape)}")
     if x.numel() < 2:
         raise SinkInterpError(f"{name} has {x.numel()} values: a bootstrap needs at least 2 sequences")
     if not bool(torch.isfinite(x).all()):
@@ -53,12 +63,12 @@ def _check(values, name: str) -> Tensor:
 def _check_options(n_resamples: int, confidence: float) -> None:
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, int) or not 100 <= n_resamples <= MAX_RESAMPLES:
         raise SinkInterpError(f"n_resamples must be an integer in 100..{MAX_RESAMPLES}, got {n_resamples!r}")
-    if not 0 < confidence < 1:
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0 < confidence < 1:
         raise SinkInterpError(f"confidence {confidence!r} is outside (0, 1)")
 
 
 def _resample(n: int, n_resamples: int, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     return torch.randint(n, (n_resamples, n), generator=generator)
 
 
@@ -108,6 +118,8 @@ def recovery_fraction(clean, broken, repaired, *, n_resamples: int = 2000, confi
     resamples whose gap is that small are left out of the interval.
     """
     _check_options(n_resamples, confidence)
+    if isinstance(min_gap, bool) or not isinstance(min_gap, (int, float)) or not 0 <= min_gap < math.inf:
+        raise SinkInterpError(f"min_gap must be a number >= 0, got {min_gap!r}")
     c, b, r = _paired(("clean", clean), ("broken", broken), ("repaired", repaired))
 
     def ratio(c_mean: Tensor, b_mean: Tensor, r_mean: Tensor) -> Tensor:
@@ -126,14 +138,23 @@ def bootstrap_statistic(statistic: Callable[..., Tensor], *arrays, n_resamples: 
     all of them. ``statistic`` gets the arrays with a leading resample dimension, [R, n, ...],
     and returns [R]; the point estimate is the statistic of the data itself (R = 1)."""
     _check_options(n_resamples, confidence)
-    tensors = [torch.as_tensor(a, dtype=torch.float64) for a in arrays]
+    if not callable(statistic):
+        raise SinkInterpError(f"statistic must be a function of the resampled arrays, got {statistic!r}")
+    tensors = [_as_float64(a, f"array {i}") for i, a in enumerate(arrays)]
+    for i, t in enumerate(tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise SinkInterpError(f"array {i} holds non-finite values")
     sizes = {t.shape[0] if t.dim() else 0 for t in tensors}
     if len(sizes) != 1:
         raise SinkInterpError(f"bootstrap_statistic needs one row per sequence in every array, got sizes {sorted(sizes)}")
     n = sizes.pop()
     if n < 2:
         raise SinkInterpError(f"a bootstrap needs at least 2 sequences, got {n}")
-    point = float(statistic(*[t[None] for t in tensors])[0])
+    point = statistic(*[t[None] for t in tensors])
+    if not isinstance(point, Tensor) or tuple(point.shape) != (1,):
+        shape = tuple(point.shape) if isinstance(point, Tensor) else type(point).__name__
+        raise SinkInterpError(f"statistic must return one number per resample, shape [R]; for R = 1 it returned {shape}")
+    point = float(point[0])
     index = _resample(n, n_resamples, seed)
     draws = statistic(*[t[index] for t in tensors]).to(torch.float64)
     return _interval(point, draws, confidence)
