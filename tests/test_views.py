@@ -42,7 +42,23 @@ def test_hide_sink_renormalises_the_rest(tiny):
     assert float(h[1:, 0].abs().max()) == 0.0
     torch.testing.assert_close(h[1:].sum(dim=-1), torch.ones(7))
     torch.testing.assert_close(h[3, 1:4], p[3, 1:4] / (1 - p[3, 0]))
-    assert hidden.head_names[0].endswith("(sink hidden)") and hidden.head_names[0].split()[1] == full.head_names[0].split()[1]
+    kept = float((1 - p[1:, 0]).mean())  # the mean share each row had off the sink, before rescaling
+    assert hidden.head_names[0].endswith(f"(sink hidden: rows rescaled from {kept:.1%} of their attention)")
+    assert hidden.head_names[0].split()[1] == full.head_names[0].split()[1]
+
+
+def test_hiding_the_sink_of_a_pure_sink_head_warns_and_says_noise(tiny):
+    def nearly_all_on_the_sink(pattern, hook):
+        n = pattern.shape[-1]
+        rows = torch.tril(torch.ones(n, n)) * 1e-5
+        rows[:, 0] = 1.0
+        return (rows / rows.sum(dim=-1, keepdim=True)).expand_as(pattern).clone()
+
+    tokens = random_tokens(tiny, 1, 8, seed=1)
+    with tiny.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", nearly_all_on_the_sink)]):
+        with pytest.warns(UserWarning, match=r"keep less than 1% of their attention off the sink: L0H2 \(4e-05\)"):
+            view = attention_view(tiny, tokens, layers=[0], heads=[2], hide_sink=True)
+    assert view.head_names[0].endswith("(sink hidden: rows rescaled from 0.0% of their attention, noise)")
 
 
 def test_compare_view_puts_clean_and_intervened_side_by_side(tiny):
