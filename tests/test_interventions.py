@@ -240,15 +240,16 @@ def test_largest_other_position_is_edited_per_sequence(llama, tokens):
     assert mean.n_slots == 2
 
 
+def _plant_channel_7(out, hook):
+    """A massive activation: +5000 in residual channel 7 at the first token, from this MLP on."""
+    out[:, 0, 7] += 5000.0
+    return out
+
+
 def test_fit_edits_one_layer_the_first_where_the_channels_are_massive():
     gpt2 = tiny_gpt2()
     tokens = random_tokens(gpt2, 4, 12, seed=3)
-
-    def plant(out, hook):
-        out[:, 0, 7] += 5000.0
-        return out
-
-    with gpt2.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", plant)]):  # massive from layer 1 on
+    with gpt2.hooks(fwd_hooks=[("blocks.1.hook_mlp_out", _plant_channel_7)]):  # massive from layer 1 on
         first = EditMassiveChannels.fit(gpt2, tokens)
         every = EditMassiveChannels.fit(gpt2, tokens, layers="all")
     assert first.channels == (7,) and first.layers == (1,) and every.layers is None
@@ -261,12 +262,7 @@ def test_fit_edits_one_layer_the_first_where_the_channels_are_massive():
 def test_fit_resolves_the_stable_channels_and_the_control_avoids_them():
     gpt2 = tiny_gpt2()
     tokens = random_tokens(gpt2, 4, 12, seed=3)
-
-    def plant(out, hook):
-        out[:, 0, 7] += 5000.0
-        return out
-
-    with gpt2.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", plant)]):
+    with gpt2.hooks(fwd_hooks=[("blocks.0.hook_mlp_out", _plant_channel_7)]):
         edit = EditMassiveChannels.fit(gpt2, tokens, mode="mean")
         assert edit.channels == (7,) and edit.values[0][0][0] > 4000
         control = edit.random_control(gpt2, tokens, seed=0)
