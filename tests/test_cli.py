@@ -42,7 +42,7 @@ def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys, tmp_path):
     assert "layers        30" in out
     assert "greedy completion of 'The capital of France is'" in out and "Paris" in out
     assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none, the model default)" in out
-    assert "sink ratio (share of the 270 heads with alpha at k=0 > eps):  eps=0.3: 0." in out
+    assert "sink ratio (Gu et al.: share of (sequence, head) pairs, 270 heads, with alpha at k=0 > eps):  eps=0.3: 0.700" in out
     assert "channel 507   at first token" in out
     results = json.loads((tmp_path / "demo" / "experiment" / "results.json").read_text())
     assert results["spec"]["name"] == "implicit-bias" and results["spec"]["data"]["n_seqs"] == 2

@@ -76,6 +76,14 @@ def test_massive_channels_and_sink_ratio(smollm2, tmp_path):
     assert 507 in zeroed["interventions"][0]["channels"]
     control = conditions["control: random channels zeroed"]["interventions"][0]["channels"]
     assert 507 not in control and len(control) == len(zeroed["interventions"][0]["channels"])
-    assert zeroed["metrics"]["loss"]["delta"]["low"] > 1.0
-    assert zeroed["metrics"]["sink_ratio"]["delta"]["value"] < -0.2  # the sink goes with the channel
+    # Sun et al.'s edit: once, after the first layer where the channels are massive (layer 11).
+    assert zeroed["interventions"][0]["layers"] == [11]
+    assert zeroed["metrics"]["loss"]["delta"]["low"] > 5.0  # +13 nats at the full size
+    assert zeroed["metrics"]["sink_ratio"]["delta"]["high"] < -0.05  # part of the sink goes with it
     assert abs(conditions["control: random channels zeroed"]["metrics"]["loss"]["delta"]["value"]) < 0.1
+    every = conditions["massive channels zeroed in every layer"]
+    assert every["interventions"][0]["layers"] is None
+    assert every["metrics"]["loss"]["delta"]["low"] > 1.0
+    # The every-layer edit costs less loss but removes more of the sink.
+    assert every["metrics"]["sink_ratio"]["delta"]["value"] < zeroed["metrics"]["sink_ratio"]["delta"]["value"] - 0.1
+    assert every["metrics"]["loss"]["delta"]["value"] < zeroed["metrics"]["loss"]["delta"]["value"]
