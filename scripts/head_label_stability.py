@@ -10,10 +10,10 @@ every seed, the heads whose labels change, and one named head's scores per seed.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import sinkinterp
+from sinkinterp._io import atomic_write_json
 from sinkinterp.heads import DEFAULT_THRESHOLDS, MIN_NON_SINK_MASS, _labels, classify_heads
 
 
@@ -53,8 +53,7 @@ def main() -> int:
         out["head"][seed] = {c: float(row[c]) for c in cols} | {"labels": list(row["labels"])}
         print(f"  seed {seed}: " + ", ".join(f"{c} {row[c]:.4f}" for c in cols) + f"; labels {row['labels']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_write_json(args.json, out)
     return 0
 
 

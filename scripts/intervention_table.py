@@ -10,9 +10,9 @@ queries and over queries i >= 16.
 from __future__ import annotations
 
 import argparse
-import json
 
 import sinkinterp
+from sinkinterp._io import atomic_write_json
 from sinkinterp import (AblateSinkValue, ConstantAttentionBias, EditMassiveChannels, MaskSinkKey,
                         PatchFirstTokenResidual, ReplaceSinkKey, evaluate, fit_constant_bias)
 from sinkinterp.data import corpus_tokens
@@ -54,8 +54,7 @@ def main() -> int:
         print(f"| {name} | {all_queries:.3f} | {late:.3f} |", flush=True)
     table["channels"] = {"first": list(first.channels), "first_layer": list(first.layers)}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(table, f, indent=1)
+        atomic_write_json(args.json, table)
     return 0
 
 
