@@ -62,6 +62,8 @@ def _subplots(*args, **kwargs):
 
 def figure_png(figure, *, dpi: int = 110) -> bytes:
     """The figure as PNG bytes (for an atomic write)."""
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not 10 <= dpi <= 1200:
+        raise SinkInterpError(f"dpi must be a number in 10..1200, got {dpi!r}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
@@ -276,10 +278,17 @@ def plot_head_classes(table: pd.DataFrame, *, scores=_SCORES):
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
+    if not isinstance(table, pd.DataFrame) or table.empty:
+        raise SinkInterpError("plot_head_classes takes the (non-empty) frame classify_heads returns")
     for column in ("layer", "head", "labels"):
         if column not in table.columns:
             raise SinkInterpError(f"the table has no {column!r} column: pass the frame classify_heads returns")
+    if isinstance(scores, str) or not isinstance(scores, (list, tuple)):
+        raise SinkInterpError(f"scores must be a list of score columns, got {scores!r}")
     scores = [s for s in scores if s in table.columns]
+    if not scores:
+        raise SinkInterpError("none of the scores to plot is a column of the table; its columns: "
+                              + ", ".join(map(str, table.columns)))
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     panels = len(scores) + 1
     fig, axes = _subplots(1, panels, figsize=(1.0 + 0.42 * n_heads * panels, 0.16 * n_layers + 1.8),

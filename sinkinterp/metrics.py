@@ -525,13 +525,23 @@ def stable_massive_channels(activations: pd.DataFrame, *, min_fraction: float = 
     """
     columns = ["channel", "role", "first_layer", "last_layer", "n_layers", "core_first_layer",
                "core_last_layer", "fraction_of_seqs", "max_abs", "median_value", "top_token"]
+    if not isinstance(activations, pd.DataFrame):
+        raise SinkInterpError(f"stable_massive_channels takes the frame from find_massive_activations, "
+                              f"got {type(activations).__name__}")
+    if isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float)) or not 0 <= min_fraction <= 1:
+        raise SinkInterpError(f"min_fraction {min_fraction!r} must be a number in [0, 1]")
+    missing = [c for c in MASSIVE_COLUMNS if c not in activations.columns]
+    if missing:
+        raise SinkInterpError(f"activations lacks columns {missing}: pass the frame from find_massive_activations")
     if "n_seqs" not in activations.attrs:
         raise SinkInterpError(
             "activations has no attrs['n_seqs']: pass the frame returned by find_massive_activations"
         )
+    n_seqs = activations.attrs["n_seqs"]
+    if isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 1:
+        raise SinkInterpError(f"activations.attrs['n_seqs'] must be a positive integer, got {n_seqs!r}")
     if activations.empty:
         return pd.DataFrame(columns=columns)
-    n_seqs = activations.attrs["n_seqs"]
     frame = activations.assign(role=activations["position"].eq(0).map({True: "first token", False: "other"}))
     rows = []
     for (channel, role), group in frame.groupby(["channel", "role"], sort=False):
@@ -572,7 +582,8 @@ class ResidualProfile:
     def sink_channels(self, layer: int | None = None, n: int = 5) -> pd.DataFrame:
         """The ``n`` channels with the largest |x| at the first token in ``layer`` (default: the
         peak layer), with their mean |x| at the other positions and the ratio of the two."""
-        layer = self.peak_layer if layer is None else layer
+        layer = self.peak_layer if layer is None else check_int("layer", layer)
+        check_int("n", n, 1)
         if not 0 <= layer < self.sink.shape[0]:
             raise SinkInterpError(f"layer {layer} out of range: the profile covers 0..{self.sink.shape[0] - 1}")
         values, channels = self.sink[layer].topk(min(n, self.sink.shape[1]))
@@ -634,6 +645,10 @@ def residual_profile(
     """The ``k`` largest and the median |x| of each block's output, and the channel profile at the
     first token against the other positions (Sun et al., Figs. 1-2): see :class:`ResidualProfile`."""
     check_int("k", k, 1)
+    check_tokens(model, tokens)
+    if k > tokens.shape[1] * model.cfg.d_model:
+        raise SinkInterpError(f"k = {k} exceeds the {tokens.shape[1]} x {model.cfg.d_model} values of one block's "
+                              "output per sequence")
     reducer = _ProfileReducer(model, k)
     stream(model, tokens, [reducer], attention_mask=attention_mask, batch_size=batch_size,
            progress=progress, description="residual profile")

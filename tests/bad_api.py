@@ -14,12 +14,26 @@ from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, Edi
 from sinkinterp.data import random_tokens, repeated_random_tokens
 from sinkinterp.experiments import load_spec
 from sinkinterp.experiments.stats import bootstrap_mean, bootstrap_statistic, recovery_fraction
-from sinkinterp.figures import save_figures
+from sinkinterp.figures import figure_png, plot_head_classes, save_figures
+from sinkinterp.metrics import find_massive_activations, residual_profile, stable_massive_channels
 from sinkinterp.heads import RepeatedTokens, classify_heads, head_scores
 from sinkinterp.interventions import Intervention
 from sinkinterp.scan import scan
 from sinkinterp.tiny import tiny_llama
 from sinkinterp.views import attention_view, compare_view
+
+
+def _massive(m, t, n_seqs=None):
+    frame = find_massive_activations(m, t, progress=False)
+    if n_seqs is not None:
+        frame.attrs["n_seqs"] = n_seqs
+    return frame
+
+
+def _head_table():
+    import pandas as pd
+
+    return pd.DataFrame({"layer": [0, 0], "head": [0, 1], "labels": [("sink",), ("none",)], "sink": [0.9, 0.1]})
 
 
 def forward(m, t, *interventions):
@@ -83,6 +97,18 @@ CASES = [
     ("view interventions not a list", lambda m, t: attention_view(m, t[:1], interventions=MaskSinkKey()), r"interventions must be a list"),
     ("compare not a list", lambda m, t: compare_view(m, t[:1], MaskSinkKey(from_query=8)), r"interventions must be a list"),
     ("figure name escapes", lambda m, t: save_figures({"../escaped": None}, "/tmp"), r"figure name '../escaped' must be a plain file stem"),
+    ("stable channels of None", lambda m, t: stable_massive_channels(None), r"takes the frame from find_massive_activations"),
+    ("stable channels n_seqs 0", lambda m, t: stable_massive_channels(_massive(m, t, n_seqs=0)),
+     r"attrs\['n_seqs'\] must be a positive integer, got 0"),
+    ("stable channels min_fraction", lambda m, t: stable_massive_channels(_massive(m, t), min_fraction=2),
+     r"min_fraction 2 must be a number in \[0, 1\]"),
+    ("stable channels missing columns", lambda m, t: stable_massive_channels(_massive(m, t)[["layer"]]),
+     r"activations lacks columns"),
+    ("residual profile k", lambda m, t: residual_profile(m, t[:, :2], k=100), r"k = 100 exceeds the 2 x 48 values"),
+    ("sink_channels layer string", lambda m, t: residual_profile(m, t).sink_channels(layer="0"), r"layer must be an integer"),
+    ("sink_channels n", lambda m, t: residual_profile(m, t).sink_channels(n=0), r"n must be an integer >= 1, got 0"),
+    ("plot_head_classes no scores", lambda m, t: plot_head_classes(_head_table(), scores=()), r"none of the scores to plot"),
+    ("figure_png dpi 0", lambda m, t: figure_png(None, dpi=0), r"dpi must be a number in 10..1200, got 0"),
     ("load_spec number", lambda m, t: load_spec(123), r"load_spec takes a spec file path or a built-in name, got 123"),
     ("overrides list", lambda m, t: load_spec("no-op", overrides=["a"]), r"overrides must be a dict of dotted keys"),
 ]
