@@ -173,6 +173,9 @@ _TEXT_IDS: dict[tuple[str, int, str], list[int]] = {}
 
 def _text_ids(model, text: str) -> list[int]:
     """``text`` tokenized without special tokens, cached per tokenizer (the corpus takes ~1 s)."""
+    if not isinstance(text, str):
+        raise SinkInterpError(f"text must be a string (decoded text, not bytes or a path object), got "
+                              f"{type(text).__name__}")
     tokenizer = _tokenizer(model)
     key = (str(getattr(tokenizer, "name_or_path", "")), len(tokenizer), hashlib.sha256(text.encode()).hexdigest())
     if key not in _TEXT_IDS:

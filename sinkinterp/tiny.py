@@ -133,8 +133,18 @@ def _bridge(name: str, settings: dict[str, Any]):
 def _build(name: str, defaults: dict[str, Any], seed: int, backend: str, overrides: dict[str, Any]):
     from sinkinterp.models import _resolve_backend
 
+    from sinkinterp._batches import check_int, check_seed
+
     backend = _resolve_backend(backend)
+    check_seed(seed)
+    for field in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "n_ctx", "d_vocab", "n_key_value_heads"):
+        if field in overrides and overrides[field] is not None:
+            check_int(field, overrides[field], 1)
     settings = {**defaults, **overrides}
+    kv = settings.get("n_key_value_heads")
+    if kv and settings["n_heads"] % kv:
+        raise SinkInterpError(f"n_heads {settings['n_heads']} is not a multiple of n_key_value_heads {kv}: each "
+                              "key/value head serves a whole group of query heads")
     if backend == "bridge":
         unknown = sorted(set(overrides) - set(_HF_FIELDS[name]))
         if unknown:
@@ -143,7 +153,10 @@ def _build(name: str, defaults: dict[str, Any], seed: int, backend: str, overrid
     # A private RNG stream: building a test model must not move the caller's global seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _hooked(name, settings) if backend == "hooked" else _bridge(name, settings)
+        try:
+            model = _hooked(name, settings) if backend == "hooked" else _bridge(name, settings)
+        except TypeError as e:  # an override HookedTransformerConfig does not know
+            raise SinkInterpError(f"{name}: bad override ({e})") from None
     model.eval()
     attach_source(
         model,

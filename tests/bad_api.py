@@ -109,6 +109,9 @@ CASES = [
     ("sink_channels n", lambda m, t: residual_profile(m, t).sink_channels(n=0), r"n must be an integer >= 1, got 0"),
     ("plot_head_classes no scores", lambda m, t: plot_head_classes(_head_table(), scores=()), r"none of the scores to plot"),
     ("figure_png dpi 0", lambda m, t: figure_png(None, dpi=0), r"dpi must be a number in 10..1200, got 0"),
+    ("tiny n_layers 0", lambda m, t: tiny_llama(n_layers=0), r"n_layers must be an integer >= 1, got 0"),
+    ("tiny heads not a multiple", lambda m, t: tiny_llama(n_heads=5), r"n_heads 5 is not a multiple of n_key_value_heads 2"),
+    ("tiny bogus override", lambda m, t: tiny_llama(bogus=1), r"bogus"),
     ("load_spec number", lambda m, t: load_spec(123), r"load_spec takes a spec file path or a built-in name, got 123"),
     ("overrides list", lambda m, t: load_spec("no-op", overrides=["a"]), r"overrides must be a dict of dotted keys"),
 ]
