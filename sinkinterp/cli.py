@@ -552,9 +552,7 @@ def check_outputs(args) -> None:
         if kind == "file":
             check_writable_file(value, flag, suffixes)
         else:
-            if Path(value).exists() and not Path(value).is_dir():
-                raise SinkInterpError(f"{flag} {str(value)!r} exists and is not a folder")
-            check_writable_folder(value, flag)
+            check_writable_folder(value, flag)  # also refuses a file in the way
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,9 +123,7 @@ def evaluate(
                 clean = log_probs(model(rows)[:, from_query:-1])
             with intervene(model, *interventions):
                 logits = model(rows)[:, from_query:-1]
-            values = token_metrics(logits, rows, from_query, metrics, clean)
-            if "kl" in metrics and not want_kl:
-                values["kl"] = torch.zeros(rows.shape[0], dtype=torch.float64)
+            values = token_metrics(logits, rows, from_query, metrics, clean)  # kl is 0 without a clean run
             for name in metrics:
                 parts[name].append(values[name])
     return Evaluation(values={m: torch.cat(parts[m]) for m in metrics}, from_query=from_query,

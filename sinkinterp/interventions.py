@@ -274,14 +274,18 @@ class Intervention:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+def _refuse_empty(owner, name: str, values, hint: str = "name at least one") -> None:
+    """An intervention with nothing to act on would return the clean output without a word."""
+    if values is not None and len(values) == 0:
+        raise SinkInterpError(f"{type(owner).__name__} {name} is empty: it would act nowhere and leave the output "
+                              f"exactly clean; {hint}")
+
+
 def _norm_common(self, *, heads: bool = True) -> None:
     names = ("layers", "heads") if heads else ("layers",)
     for name in names:
         values = _ints(name, getattr(self, name))
-        if values == ():
-            raise SinkInterpError(
-                f"{type(self).__name__} {name} is empty: it would act nowhere and leave the output exactly "
-                f"clean; name at least one, or None for all")
+        _refuse_empty(self, name, values, "name at least one, or None for all")
         object.__setattr__(self, name, values)
 
 
@@ -594,12 +598,9 @@ class EditMassiveChannels(Intervention):
         _norm_common(self, heads=False)
         _check_mode("EditMassiveChannels", self.mode, self.MODES)
         object.__setattr__(self, "values", _frozen(self, "values"))
-        if not isinstance(self.largest_other, bool):
-            raise SinkInterpError(f"EditMassiveChannels largest_other must be true or false, got {self.largest_other!r}")
+        check_bool("EditMassiveChannels largest_other", self.largest_other)
         for name in ("channels", "positions"):
-            if getattr(self, name) == ():
-                raise SinkInterpError(f"EditMassiveChannels {name} is empty: it would act nowhere and leave the "
-                                      f"output exactly clean; name at least one")
+            _refuse_empty(self, name, getattr(self, name))
         if (self.mode == "scale") != (self.factor is not None):
             raise SinkInterpError("EditMassiveChannels takes factor with mode 'scale' and only then")
         if self.mode == "scale":
@@ -1060,8 +1061,6 @@ def _mean_sink_logit(scores: Tensor, windows: list[int | None], position: int, f
 
 def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_query, steps, lr,
                      batch_size, seed, progress, history):
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
     device = next(model.parameters()).device
     logit = logit.clone().to(device).requires_grad_(True)
     params = [logit]
@@ -1140,9 +1139,7 @@ class AblateHeads(Intervention):
                     or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
                 raise SinkInterpError(f"AblateHeads heads must be integer (layer, head) pairs, got {pair!r}")
             pairs.append((pair[0], pair[1]))
-        if not pairs:
-            raise SinkInterpError("AblateHeads heads is empty: it would act nowhere and leave the output exactly "
-                                  "clean; name at least one (layer, head) pair")
+        _refuse_empty(self, "heads", pairs, "name at least one (layer, head) pair")
         if len(set(pairs)) != len(pairs):
             raise SinkInterpError(f"AblateHeads heads {self.heads!r} repeats a head")
         object.__setattr__(self, "heads", tuple(pairs))

@@ -383,9 +383,7 @@ def _build_cache(paths: list[Path], sha256: str, cache_dir: Path) -> None:
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
     except OSError as e:
-        raise SinkInterpError(
-            f"the weight cache {str(cache_dir.parent)!r} cannot be written ({e.strerror}): set SINKINTERP_CACHE "
-            "to a writable folder") from None
+        raise _unwritable_cache(cache_dir.parent, e) from None
     try:
         gguf_dir = tmp / "gguf"
         gguf_dir.mkdir()
@@ -667,12 +665,16 @@ def _hooked_from_cache(folder: Path, tokenizer, *, name: str, tl_name: str | Non
     return model
 
 
+def _unwritable_cache(folder: Path, error: OSError) -> SinkInterpError:
+    return SinkInterpError(f"the weight cache {str(folder)!r} cannot be written ({error.strerror}): set "
+                           "SINKINTERP_CACHE to a writable folder")
+
+
 def _write_atomically(path: Path, write) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     except OSError as e:
-        raise SinkInterpError(f"the weight cache {str(path.parent)!r} cannot be written ({e.strerror}): set "
-                              "SINKINTERP_CACHE to a writable folder") from None
+        raise _unwritable_cache(path.parent, e) from None
     os.close(fd)
     try:
         write(tmp)

@@ -66,3 +66,8 @@ gemma, gemma_bridge, gemma_hf = _embedded_fixtures("gemma-3-270m", "gemma")
 def corpus_batch(smollm2):
     """Two sequences of 160 real tokens from the offline corpus (320 tokens in all)."""
     return corpus_tokens(smollm2, 2, 160)
+
+
+def n_hooks(model) -> int:
+    """Forward hooks attached to ``model`` right now (0 after any intervention block, even one that raised)."""
+    return sum(len(point.fwd_hooks) for point in model.hook_dict.values())

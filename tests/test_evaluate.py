@@ -9,6 +9,7 @@ from sinkinterp.data import random_tokens
 from sinkinterp.experiments import ExperimentSpec, run_experiment
 from sinkinterp.interventions import ConstantAttentionBias, intervene
 from sinkinterp.tiny import tiny_llama
+from conftest import n_hooks
 
 pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
 
@@ -21,10 +22,6 @@ def llama():
 @pytest.fixture(scope="module")
 def tokens(llama):
     return random_tokens(llama, 5, 24, seed=0)
-
-
-def n_hooks(model) -> int:
-    return sum(len(point.fwd_hooks) for point in model.hook_dict.values())
 
 
 def test_metrics_equal_a_direct_computation(llama, tokens):

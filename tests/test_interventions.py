@@ -22,6 +22,7 @@ from sinkinterp.interventions import (
     intervene,
 )
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
+from conftest import n_hooks
 
 pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
 
@@ -36,10 +37,6 @@ def llama():
 @pytest.fixture(scope="module")
 def tokens(llama):
     return random_tokens(llama, 2, 20, seed=1)
-
-
-def n_hooks(model) -> int:
-    return sum(len(point.fwd_hooks) for point in model.hook_dict.values())
 
 
 def run(model, tokens, *interventions, names=()):

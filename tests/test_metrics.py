@@ -19,6 +19,7 @@ from sinkinterp.metrics import (
     value_weighted_attention,
 )
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
+from conftest import n_hooks
 
 pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
 
@@ -43,10 +44,6 @@ def set_pattern(share: torch.Tensor):
         return sink_pattern(share[layer], pattern.shape[-1]).expand_as(pattern).clone()
 
     return [(lambda name: name.endswith("hook_pattern"), hook)]
-
-
-def n_hooks(model) -> int:
-    return sum(len(point.fwd_hooks) for point in model.hook_dict.values())
 
 
 @pytest.fixture(scope="module")

@@ -82,8 +82,7 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                 if record["type"] == "PatchFirstTokenResidual" and source not in (None, "mean", "other"):
                     resolve_token(model, source)
                 layers = record.get("layers")
-                if not (record["type"] == "EditMassiveChannels" and record.get("fit") is not None
-                        and layers in ("first", "all")):
+                if not isinstance(layers, str):  # 'first' / 'all' (a fitted massive edit): checked with the spec
                     _layers(model, layers)
                 if record["type"] == "AblateHeads":
                     from sinkinterp.interventions import _head_pairs
@@ -388,9 +387,7 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
     if out is None:
         return _run(spec, None, model, resume, progress, log)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SinkInterpError(f"--out {str(out)!r} exists and is not a folder")
-    check_writable_folder(out, "--out")
+    check_writable_folder(out, "--out")  # also refuses a file in the way
     created = not out.exists()
     try:
         with locked_folder(out, "sinkinterp run"):
