@@ -95,7 +95,8 @@ def _scan_and_print(model, args):
     for the figures' geometry pass)."""
     from sinkinterp.scan import _corpus, scan
 
-    tokens, spec = _corpus(model, args.text, args.n_seqs, args.seq_len, _first_token(args.first_token))
+    tokens, spec = _corpus(model, args.text, args.n_seqs, args.seq_len, _first_token(args.first_token),
+                           seed=args.seed, sampling=args.sampling)
     result = scan(model, tokens, token_spec=spec, eps=tuple(args.eps), batch_size=args.batch_size,
                   min_abs=args.min_abs, min_ratio=args.min_ratio)
     print(result.summary())
@@ -174,6 +175,23 @@ def _demo(args) -> int:
     return 0
 
 
+def format_copying(evidence) -> str:
+    """The heads with the largest direct effect on induction targets, and the medians per role."""
+    columns = [c for c in ("ov_eigen", "ov_top1", "dla_induction", "dla_needle") if c in evidence]
+    top = evidence.sort_values("dla_induction", ascending=False).head(10)
+    lines = ["copying evidence: OV circuit W_E W_V W_O W_U (eigenvalue score, top-1 copying share) and direct "
+             "logit attribution to the correct next token (held-out data)",
+             "  largest direct effect on induction targets:"]
+    for row in top.itertuples():
+        cells = "  ".join(f"{c} {getattr(row, c):+.3f}" for c in columns)
+        lines.append(f"    L{row.layer}H{row.head:<3} {row.role:<17} {cells}")
+    lines.append("  medians by role:")
+    for entry in evidence.attrs["by_role"]:
+        cells = "  ".join(f"{c} {entry[c]:+.3f}" for c in columns)
+        lines.append(f"    {entry['role']:<22} {cells}")
+    return "\n".join(lines)
+
+
 def format_verdicts(results: dict) -> str:
     """Each hypothesis's verdict, with the criteria behind it, from a results record."""
     from sinkinterp.experiments.report import _est
@@ -185,6 +203,8 @@ def format_verdicts(results: dict) -> str:
             subject = f"{r['condition']}: " if r["condition"] else ""
             lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {_est(r['estimate'])} "
                          f"(rule: {r['rule']}, threshold {r['threshold']:g})")
+            if r.get("note"):
+                lines.append(f"               note: {r['note']}")
     return "\n".join(lines)
 
 
@@ -285,9 +305,12 @@ def _heads(args) -> int:
 
     from sinkinterp._batches import check_int
 
-    if args.validate:  # before the model loads and the scores run, not minutes later
+    if args.validate or args.copying:  # before the model loads and the scores run, not minutes later
         check_int("--k", args.k, 1)
+    if args.validate:
         check_int("--n-random", args.n_random, 1)
+    if args.per_head and not args.validate:
+        raise SinkInterpError("--per-head ablates heads one at a time within the causal validation: add --validate")
     model, _ = _load_and_describe(args)
     print()
     table = classify_heads(
@@ -320,10 +343,20 @@ def _heads(args) -> int:
         validation = validate_heads(model, table, k=args.k, n_random=args.n_random, ablation=args.ablation,
                                     sets=args.sets, seed=args.seed, batch_size=args.batch_size,
                                     n_prompts=args.validate_prompts, context_len=lens[len(lens) // 2],
-                                    n_seqs=args.n_seqs)
+                                    n_seqs=args.n_seqs, per_head=args.per_head)
         print()
         print(validation)
         record["validation"] = validation.to_dict()
+    if args.copying:
+        from sinkinterp.heads import copying_evidence
+
+        lens = sorted(args.context_lens)
+        evidence = copying_evidence(model, table, k=args.k, seed=args.seed, n_seqs=args.n_seqs,
+                                    n_prompts=args.validate_prompts, context_len=lens[len(lens) // 2],
+                                    batch_size=args.batch_size)
+        print()
+        print(format_copying(evidence))
+        record["copying"] = {"heads": evidence.to_dict(orient="records"), "attrs": evidence.attrs}
     figure = args.figure or (None if args.json is None else str(Path(args.json).with_suffix(".png")))
     if args.json:
         write_json_or_rescue(args.json, record)
@@ -371,6 +404,11 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
                        help="held-out needle prompts at the median context length (default 16)")
     group.add_argument("--sets", choices=("top", "exclusive"), default="top",
                        help="top-k by score, or top-k recall among non-induction heads and vice versa")
+    group.add_argument("--per-head", action="store_true",
+                       help="with --validate: also ablate each head of the two sets alone")
+    group.add_argument("--copying", action="store_true",
+                       help="circuit evidence for every head: OV copying scores and direct logit attribution "
+                            "on held-out induction and needle data")
 
 
 def _intervention(text: str):
@@ -427,6 +465,10 @@ def _add_scan_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text", metavar="FILE", help="UTF-8 text to scan (default: the offline corpus, pydoc_data.topics)")
     group.add_argument("--seq-len", type=int, default=64, help="tokens per sequence, first token included (default 64)")
     group.add_argument("--n-seqs", type=int, default=32, help="number of sequences (default 32)")
+    group.add_argument("--sampling", choices=("windows", "consecutive"), default="windows",
+                       help="seeded non-overlapping windows within documents, or consecutive chunks from "
+                            "the start of the text (default windows)")
+    group.add_argument("--seed", type=int, default=0, help="which windows (default 0)")
     group.add_argument(
         "--first-token", default="default", metavar="default|none|bos|TOKEN",
         help="what to put first: the model's own convention (default: nothing for SmolLM2, <bos> for "

@@ -61,6 +61,9 @@ __all__ = [
     "validate_heads",
     "top_heads",
     "qk_by_label",
+    "ov_copying_scores",
+    "logit_attribution",
+    "copying_evidence",
 ]
 
 #: Label -> threshold on its score (docs/design.md §2: induction / previous 0.4 as in ARENA, retrieval
@@ -741,6 +744,192 @@ def top_heads(table: pd.DataFrame, score: str, k: int) -> list[tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Circuit evidence for copying heads: the OV circuit and direct logit attribution
+
+
+def _norm_weight(module) -> Tensor | None:
+    """The elementwise weight a norm applies, or None where it was folded away (HookedTransformer
+    with ``fold_ln``: ``LNPre`` / ``RMSNormPre`` have none)."""
+    weight = getattr(module, "w", None)
+    return weight.detach() if isinstance(weight, Tensor) else None
+
+
+def _head_ov(model, layer: int, head: int) -> tuple[Tensor, Tensor]:
+    """``W_V`` [d_model d_head] (with the block's input-norm weight folded in) and ``W_O``
+    [d_head d_model] of query head ``head``; its value weights are its kv group's."""
+    attn = model.blocks[layer].attn
+    w_v, w_o = attn.W_V.detach(), attn.W_O.detach()
+    kv = head if w_v.shape[0] == model.cfg.n_heads else head // (model.cfg.n_heads // w_v.shape[0])
+    w_v = w_v[kv].double()
+    ln1 = _norm_weight(model.blocks[layer].ln1)
+    if ln1 is not None:
+        w_v = ln1.double()[:, None] * w_v
+    return w_v, w_o[head].double()
+
+
+def _unembed(model) -> Tensor:
+    """``W_U`` [d_model vocab] with the final norm's weight folded in."""
+    w_u = model.W_U.detach().double()
+    final = _norm_weight(model.ln_final)
+    return w_u if final is None else final.double()[:, None] * w_u
+
+
+def _check_heads(model, heads) -> list[tuple[int, int]]:
+    if heads is None:
+        return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+    if not isinstance(heads, (list, tuple)) or not heads:
+        raise SinkInterpError(f"heads must be a non-empty list of (layer, head) pairs or None for all, got {heads!r}")
+    chosen = []
+    for pair in heads:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in pair)):
+            raise SinkInterpError(f"heads must be (layer, head) pairs of integers, got {pair!r}")
+        layer, head = pair
+        if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
+            raise SinkInterpError(f"head {tuple(pair)} out of range: layers 0..{model.cfg.n_layers - 1}, "
+                                  f"heads 0..{model.cfg.n_heads - 1}")
+        chosen.append((layer, head))
+    return chosen
+
+
+def ov_copying_scores(model, heads=None, *, n_tokens: int = 200, seed: int = 0) -> pd.DataFrame:
+    """How much each head's OV circuit copies: the token-to-logit map ``W_E W_V W_O W_U``
+    (Elhage et al. 2021) read directly from the weights, norm weights folded in, norm scales and
+    everything between embedding and head ignored (a first-order, layer-0 view for later heads).
+
+    ``ov_eigen``: the sum of its eigenvalues over the sum of their absolute values, in [-1, 1]
+    (+1: a pure copying map, -1: anti-copying, ~0: neither); computed from the d_head x d_head
+    matrix ``W_O W_U W_E W_V``, which has the same non-zero eigenvalues. ``ov_top1`` / ``ov_top5``:
+    the share of ``n_tokens`` seeded non-special tokens whose own logit is the largest (in the top
+    5) of the vocabulary in their row of the map (ARENA's "full OV circuit" test); chance is
+    1 / vocab and 5 / vocab.
+    """
+    check_int("n_tokens", n_tokens, 1)
+    check_seed(seed)
+    chosen = _check_heads(model, heads)
+    from sinkinterp.data import _allowed_ids
+
+    allowed = _allowed_ids(model)
+    generator = torch.Generator().manual_seed(seed)
+    sample = allowed[torch.randperm(len(allowed), generator=generator)[: min(n_tokens, len(allowed))]]
+    w_e = model.W_E.detach().double()
+    w_u = _unembed(model)
+    ue = w_u @ w_e  # [d_model d_model]: unembed after embed, summed over the vocabulary
+    rows = []
+    with torch.no_grad():
+        for layer, head in chosen:
+            w_v, w_o = _head_ov(model, layer, head)
+            eigen = torch.linalg.eigvals(w_o @ ue @ w_v)
+            circuit = (w_e[sample] @ w_v) @ (w_o @ w_u)  # [tokens vocab]
+            own = circuit.gather(1, sample[:, None])
+            rank = (circuit > own).sum(dim=1)  # how many logits beat the token's own
+            rows.append({"layer": layer, "head": head,
+                         "ov_eigen": float(eigen.real.sum() / eigen.abs().sum().clamp(min=1e-30)),
+                         "ov_top1": float((rank == 0).double().mean()),
+                         "ov_top5": float((rank < 5).double().mean())})
+    frame = pd.DataFrame(rows)
+    frame.attrs.update(n_tokens=len(sample), seed=seed)
+    return frame
+
+
+def logit_attribution(model, tokens: Int[Tensor, "batch pos"], rows: Tensor, queries: Tensor, targets: Tensor,
+                      *, batch_size: int = 4) -> Tensor:
+    """Direct logit attribution per step and head: ``[steps, layers, heads]``, each head's output
+    at (row, query) (``z W_O``) through the final norm, with the norm's scale as measured in that
+    forward pass (the linearisation everyone uses), onto the unembedding of ``tokens[row, target]``
+    minus the mean unembedding (the logit's move against the average token). Adding the other
+    components' terms would give the logit; a head's term is its direct effect only (what later
+    layers do with its output is not counted)."""
+    n_layers = model.cfg.n_layers
+    centre = getattr(model.cfg, "normalization_type", "RMS") in ("LN", "LNPre")
+    w_u = _unembed(model).float()
+    w_u = w_u - w_u.mean(dim=1, keepdim=True)
+    out = torch.zeros(len(rows), n_layers, model.cfg.n_heads)
+    device = next(model.parameters()).device
+    w_o = [model.blocks[l].attn.W_O.detach().float() for l in range(n_layers)]
+    for start in range(0, tokens.shape[0], batch_size):
+        chosen = torch.nonzero((rows >= start) & (rows < start + batch_size), as_tuple=True)[0]
+        if not len(chosen):
+            continue
+        r, q = (rows[chosen] - start).to(device), queries[chosen].to(device)
+        kept: dict[str, Tensor] = {}
+
+        def keep(x: Tensor, hook) -> None:
+            kept[hook.name] = x[r, q].detach().float()
+
+        hooks = [(f"blocks.{l}.attn.hook_z", keep) for l in range(n_layers)] + [("ln_final.hook_scale", keep)]
+        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+            model(tokens[start : start + batch_size].to(device), return_type=None)
+        scale = kept["ln_final.hook_scale"]  # [steps 1]
+        direction = w_u[:, tokens[rows[chosen], targets[chosen]].to(device)].T  # [steps d_model]
+        for layer in range(n_layers):
+            written = torch.einsum("shd,hdm->shm", kept[f"blocks.{layer}.attn.hook_z"], w_o[layer])
+            if centre:
+                written = written - written.mean(dim=-1, keepdim=True)
+            out[chosen, layer] = torch.einsum("shm,sm->sh", written / scale[:, None], direction).cpu()
+    return out
+
+
+def copying_evidence(model, table: pd.DataFrame | None = None, *, k: int = 5, seed: int = 0, n_seqs: int = 16,
+                     half_len: int = 64, n_prompts: int = 8, context_len: int = 512, n_tokens: int = 200,
+                     batch_size: int = 4) -> pd.DataFrame:
+    """Weights-and-activations evidence that heads copy, for every head: the OV copying scores
+    (:func:`ov_copying_scores`) and the mean direct logit attribution to the correct next token
+    on held-out data (seeds ``seed + 1000`` on, as :func:`validate_heads`): ``dla_induction`` on
+    the second half of repeated random tokens, ``dla_needle`` on the teacher-forced reproduction
+    of the needle (``n_prompts`` prompts of ``context_len`` tokens; 0 skips it, for models without a
+    tokenizer). With ``table`` (from :func:`classify_heads`), ``role`` marks the top-``k``
+    induction and recall heads, so they can be compared with the rest (``attrs["by_role"]``:
+    medians per role). A copying head should have a positive OV eigenvalue score and a positive
+    direct effect on the token it copies; attention alone shows neither.
+    """
+    check_int("k", k, 1)
+    check_seed(seed)
+    frame = ov_copying_scores(model, n_tokens=n_tokens, seed=seed)
+    eval_seed = seed + 1000
+    repeated = _repeated(model, n_seqs, half_len, eval_seed)
+    second = repeated.second_half()[:-1]
+    r = torch.arange(n_seqs).repeat_interleave(len(second))
+    q = second.repeat(n_seqs)
+    induction = logit_attribution(model, repeated.tokens, r, q, q + 1, batch_size=batch_size)
+    check_int("n_prompts", n_prompts, 0)
+
+    def per_head(values: Tensor, step_rows: Tensor, n: int) -> list[float]:
+        sums = torch.zeros(n, *values.shape[1:]).index_add_(0, step_rows, values)
+        means = sums / torch.bincount(step_rows, minlength=n).clamp(min=1)[:, None, None]
+        return [float(means[:, l, h].mean()) for l, h in zip(frame["layer"], frame["head"])]
+
+    frame["dla_induction"] = per_head(induction, r, n_seqs)
+    data: dict[str, Any] = {"repeated": {"n_seqs": n_seqs, "half_len": half_len, "seed": eval_seed}}
+    columns = ["ov_eigen", "ov_top1", "dla_induction"]
+    if n_prompts:
+        needle = needle_prompts(model, n_prompts, context_len, seed=eval_seed)
+        rows, queries, targets = needle.answer_steps()
+        recall = logit_attribution(model, needle.tokens, rows, queries, targets, batch_size=batch_size)
+        frame["dla_needle"] = per_head(recall, rows, n_prompts)
+        data["needle"] = needle.to_dict()
+        columns.append("dla_needle")
+    frame["role"] = "other"
+    if table is not None:
+        if not isinstance(table, pd.DataFrame):
+            raise SinkInterpError(f"table must be the DataFrame from classify_heads or None, got {type(table).__name__}")
+        index = {(int(l), int(h)): i for i, (l, h) in enumerate(zip(frame["layer"], frame["head"]))}
+        for label in ("recall", "induction"):
+            if label not in table.columns:
+                raise SinkInterpError(f"the table has no {label!r} score: classify with that scorer first")
+        top = {"induction": set(top_heads(table, "induction", k)), "recall": set(top_heads(table, "recall", k))}
+        for pair, i in index.items():
+            roles = [name for name in ("induction", "recall") if pair in top[name]]
+            if roles:
+                frame.loc[i, "role"] = "+".join(roles)
+    frame.attrs.update(
+        k=k, seed=seed, n_tokens=n_tokens, data=data,
+        by_role=frame.groupby("role")[columns].median().reset_index().to_dict(orient="records"),
+    )
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
 # Causal validation: ablate the top recall heads, the top induction heads, and random heads
 
 
@@ -797,7 +986,8 @@ METRIC_NAMES = ("needle_loss", "needle_accuracy", "induction_loss")
 class HeadValidation:
     """Result of :func:`validate_heads`. ``conditions`` maps a condition to its ablated heads;
     ``per_seq[condition][metric]`` holds per-prompt (needle) or per-sequence (induction) values;
-    the random condition is the mean over ``n_random`` draws, each also kept as ``random-<i>``."""
+    the random condition is the mean over ``n_random`` draws, each also kept as ``random-<i>``;
+    with ``per_head``, each head of the two sets ablated alone is ``alone-L<l>H<h>``."""
 
     k: int
     ablation: str
@@ -870,7 +1060,7 @@ class HeadValidation:
         frame = self.estimates()
         lines = [f"Causal validation: {self.ablation}-ablate k={self.k} heads per condition ({self.sets} sets) "
                  f"(95% paired bootstrap CIs, {self.n_resamples} resamples)"]
-        for condition in [c for c in self.per_seq if not c.startswith("random-")]:
+        for condition in [c for c in self.per_seq if not c.startswith(("random-", "alone-"))]:
             heads = ", ".join(_head_name(*p) for p in self.conditions.get(condition, ()))
             lines.append(f"  {condition}{f' [{heads}]' if heads else ''}")
             for row in frame[frame.condition == condition].itertuples():
@@ -878,6 +1068,14 @@ class HeadValidation:
                 if condition != "clean":
                     text += f"   delta {row.delta:+.3f} [{row.delta_low:+.3f}, {row.delta_high:+.3f}]"
                 lines.append(text)
+        alone = [c for c in self.per_seq if c.startswith("alone-")]
+        if alone:
+            lines.append("  one head at a time (delta vs clean):")
+            for condition in alone:
+                rows = frame[frame.condition == condition].set_index("metric")
+                cells = "   ".join(f"{m} {rows.loc[m, 'delta']:+.3f} [{rows.loc[m, 'delta_low']:+.3f}, "
+                                   f"{rows.loc[m, 'delta_high']:+.3f}]" for m in ("needle_loss", "induction_loss"))
+                lines.append(f"    {condition[len('alone-'):]:<8} {cells}")
         diss = self.dissociation()
         if not diss["testable"]:
             lines.append(f"  double dissociation: not testable ({diss['why']})")
@@ -905,10 +1103,13 @@ def validate_heads(
     n_reference: int = 16,
     batch_size: int = 4,
     n_resamples: int = 2000,
+    per_head: bool = False,
 ) -> HeadValidation:
     """Ablate the top-``k`` recall heads, the top-``k`` induction heads and ``n_random`` seeded
     draws of ``k`` other heads (none of either top set); measure the needle reproduction loss and
     accuracy (teacher-forced) and the induction loss on repeated random tokens (second half).
+    With ``per_head``, also each head of the two sets alone (one-head-at-a-time ablation, as in
+    ARENA: a set's effect can be one head's, or need several together).
 
     ``sets="exclusive"`` takes the top-``k`` recall heads among those *not* labelled induction and
     the top-``k`` induction heads among those not labelled recall: when the two scores pick the
@@ -932,6 +1133,7 @@ def validate_heads(
         if label not in table.columns:
             raise SinkInterpError(f"the table has no {label!r} score: classify with that scorer first")
     check_int("n_random", n_random, 1)
+    check_bool("per_head", per_head)
     if sets not in ("top", "exclusive"):
         raise SinkInterpError(f"sets {sets!r} is not one of 'top', 'exclusive'")
     everyone = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"])]
@@ -963,6 +1165,8 @@ def validate_heads(
 
     conditions = {"clean": (), "recall": tuple(recall), "induction": tuple(induction)}
     conditions.update({f"random-{i}": draw for i, draw in enumerate(draws)})
+    if per_head:
+        conditions.update({f"alone-{_head_name(*pair)}": (pair,) for pair in dict.fromkeys(recall + induction)})
     per_seq: dict[str, dict[str, list[float]]] = {}
     for name, heads in conditions.items():
         metrics = _task_metrics(model, needle, repeated, ablate(heads) if heads else [], batch_size)

@@ -375,3 +375,95 @@ def test_previous_token_score_on_text(tiny):
     torch.testing.assert_close(scores["previous_token_text"], torch.ones(2, 6))
     torch.testing.assert_close(scores["previous_token_text_raw"], torch.full((2, 6), 0.5))
     torch.testing.assert_close(scores["previous_token_text_mass"], torch.full((2, 6), 0.5))
+
+
+# --------------------------------------------------------------------------------------------
+# Circuit evidence: OV copying scores and direct logit attribution
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def test_ov_weights_are_what_the_forward_uses(tiny):
+    """At layer 0 the value of token t is its normalised embedding times W_V (its kv group's), and
+    z W_O summed over heads is the attention output: the weights read are the ones that run."""
+    from sinkinterp.heads import _head_ov
+
+    tokens = random_tokens(tiny, 1, 12, seed=3)
+    _, cache = tiny.run_with_cache(tokens)
+    embedded = _rms(tiny.W_E[tokens[0]].double(), tiny.cfg.eps)
+    written = 0
+    for head in range(tiny.cfg.n_heads):
+        w_v, w_o = _head_ov(tiny, 0, head)
+        v = cache["blocks.0.attn.hook_v"][0, :, head // 3].double()  # 6 query heads over 2 kv heads
+        torch.testing.assert_close(embedded @ w_v, v, rtol=0, atol=1e-5)
+        written = written + cache["blocks.0.attn.hook_z"][0, :, head].double() @ w_o
+    torch.testing.assert_close(written, cache["blocks.0.hook_attn_out"][0].double(), rtol=0, atol=1e-5)
+
+
+def test_ov_copying_scores_match_the_full_vocabulary_circuit(tiny):
+    from sinkinterp.data import _allowed_ids
+    from sinkinterp.heads import _head_ov, ov_copying_scores
+
+    frame = ov_copying_scores(tiny, [(0, 1), (1, 4)], n_tokens=10_000, seed=0)
+    assert frame.attrs["n_tokens"] == len(_allowed_ids(tiny))  # capped at the vocabulary
+    for row in frame.itertuples():
+        w_v, w_o = _head_ov(tiny, row.layer, row.head)
+        circuit = tiny.W_E.double() @ w_v @ w_o @ tiny.W_U.double()  # [vocab vocab], tiny: 67 x 67
+        eigen = torch.linalg.eigvals(circuit)
+        assert row.ov_eigen == pytest.approx(float(eigen.real.sum() / eigen.abs().sum()), abs=1e-9)
+        ids = _allowed_ids(tiny)
+        top = circuit[ids].argmax(dim=1)
+        assert row.ov_top1 == pytest.approx(float((top == ids).double().mean()), abs=1e-12)
+        assert -1 <= row.ov_eigen <= 1 and row.ov_top1 <= row.ov_top5
+
+
+def test_direct_logit_attribution_is_the_direct_effect_with_the_norm_scale_frozen(tiny):
+    """Removing one last-layer head's output, with the final norm's scale and the last MLP's output
+    held at their clean values (so only the direct path changes), moves the target's logit
+    (against the mean logit) by exactly minus its attribution."""
+    from sinkinterp.heads import logit_attribution
+
+    tokens = random_tokens(tiny, 3, 16, seed=4)
+    rows, queries = torch.tensor([0, 0, 1, 2]), torch.tensor([5, 14, 9, 2])
+    targets = queries + 1
+    targets[-1] = 0  # any position's token can be the target, not only the next one
+    dla = logit_attribution(tiny, tokens, rows, queries, targets, batch_size=2)
+    assert dla.shape == (4, 2, 6)
+    last, head = 1, 4
+    _, cache = tiny.run_with_cache(tokens)
+    scale, mlp = cache["ln_final.hook_scale"], cache[f"blocks.{last}.hook_mlp_out"]
+
+    def remove(z, hook):
+        z = z.clone()
+        z[..., head, :] = 0
+        return z
+
+    with torch.inference_mode(), tiny.hooks(fwd_hooks=[(f"blocks.{last}.attn.hook_z", remove),
+                                                       (f"blocks.{last}.hook_mlp_out", lambda x, hook: mlp),
+                                                       ("ln_final.hook_scale", lambda x, hook: scale)]):
+        ablated = tiny(tokens)
+    clean = tiny(tokens)
+
+    def centred(logits):
+        picked = logits[rows, queries]
+        return picked.gather(1, tokens[rows, targets][:, None])[:, 0] - picked.mean(dim=1)
+
+    torch.testing.assert_close(centred(clean) - centred(ablated), dla[:, last, head], rtol=0, atol=1e-5)
+    assert dla[:, last].abs().sum() > 0
+
+
+def test_copying_evidence_marks_the_top_heads(tiny):
+    from sinkinterp.heads import copying_evidence
+
+    table = pd.DataFrame({"layer": [0] * 6 + [1] * 6, "head": list(range(6)) * 2,
+                          "induction": [0.9, 0.1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.8],
+                          "recall": [0.1, 0.7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.6]})
+    frame = copying_evidence(tiny, table, k=2, n_seqs=2, half_len=8, n_prompts=0, n_tokens=20)  # no tokenizer
+    roles = dict(zip(zip(frame["layer"], frame["head"]), frame["role"]))
+    assert roles[(0, 0)] == "induction" and roles[(0, 1)] == "recall" and roles[(1, 5)] == "induction+recall"
+    assert sum(r == "other" for r in roles.values()) == 9
+    assert {"ov_eigen", "ov_top1", "dla_induction"} <= set(frame.columns) and "dla_needle" not in frame
+    assert {r["role"] for r in frame.attrs["by_role"]} == {"induction", "recall", "induction+recall", "other"}
+    assert frame["dla_induction"].notna().all()

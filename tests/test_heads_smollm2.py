@@ -79,13 +79,19 @@ def test_cli_heads_writes_table_figure_and_validation(tmp_path, capsys):
     out = tmp_path / "heads.json"
     code = main(["heads", "--n-seqs", "2", "--context-lens", "160", "--n-prompts", "2", "--no-greedy",
                  "--json", str(out), "--validate", "--k", "2", "--n-random", "1", "--validate-prompts", "2",
-                 "--figures", str(tmp_path / "figures")])
+                 "--per-head", "--copying", "--figures", str(tmp_path / "figures")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "labels: sink" in printed and "double dissociation" in printed and "induction" in printed
     record = json.loads(out.read_text())
     assert len(record["heads"]) == 270 and record["seed"] == 0
-    assert set(record["validation"]["conditions"]) == {"clean", "recall", "induction", "random-0"}
+    alone = {f"alone-L{l}H{h}" for l, h in record["validation"]["conditions"]["recall"]
+             + record["validation"]["conditions"]["induction"]}
+    assert set(record["validation"]["conditions"]) == {"clean", "recall", "induction", "random-0"} | alone
+    assert "one head at a time" in printed and "largest direct effect on induction targets" in printed
+    copying = record["copying"]
+    assert len(copying["heads"]) == 270 and {r["role"] for r in copying["heads"]} >= {"other"}
+    assert {"ov_eigen", "dla_induction", "dla_needle"} <= set(copying["heads"][0])
     assert record["validation"]["ablation"] == "mean"
     assert record["model"]["source"]["sha256"]
     png = (tmp_path / "heads.png").read_bytes()
@@ -96,6 +102,20 @@ def test_cli_heads_writes_table_figure_and_validation(tmp_path, capsys):
     assert main(["heads", "--k", "0", "--n-seqs", "2", "--context-lens", "160", "--n-prompts", "1", "--no-greedy",
                  "--validate"]) == 2
     assert "--k must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["heads", "--per-head"]) == 2
+    assert "--per-head ablates heads one at a time within the causal validation: add --validate" in capsys.readouterr().err
+
+
+def test_the_direct_copier_of_induction_targets_is_a_last_layer_head(smollm2):
+    """Circuit evidence on the embedded model (README): the heads whose attention does induction
+    (layers 17-18) write little directly to the copied token; L29H1 does, and its OV circuit copies."""
+    from sinkinterp.heads import copying_evidence
+
+    frame = copying_evidence(smollm2, n_seqs=4, n_prompts=0).set_index(["layer", "head"])
+    assert frame["dla_induction"].idxmax() == (29, 1) and frame.loc[(29, 1), "dla_induction"] > 1.0
+    assert frame.loc[(29, 1), "ov_eigen"] > 0.99 and frame.loc[(29, 1), "ov_top1"] > 0.3
+    assert abs(frame.loc[(17, 3), "dla_induction"]) < 0.1
+    assert frame.loc[(24, 4), "dla_induction"] < -0.2  # a head that writes against the copied token
 
 
 @pytest.mark.backend
