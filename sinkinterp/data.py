@@ -10,6 +10,7 @@ or a token id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from sinkinterp.errors import SinkInterpError
 __all__ = [
     "default_first_token",
     "corpus_text",
+    "corpus_documents",
     "corpus_tokens",
     "random_tokens",
     "repeated_random_tokens",
@@ -39,7 +41,8 @@ FirstToken = str | int
 
 
 def corpus_text() -> str:
-    """The offline corpus: every ``pydoc_data.topics`` entry, sorted by topic name, blank-line separated."""
+    """The offline corpus as one string: every ``pydoc_data.topics`` entry (repeats included),
+    sorted by topic name, blank-line separated. What ``sampling="consecutive"`` reads by default."""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
@@ -120,36 +123,121 @@ def _first_id(model, first_token: FirstToken) -> int | None:
     return None if first_token == "none" else resolve_token(model, first_token)
 
 
+SAMPLING = ("windows", "consecutive")
+
+
+def corpus_documents() -> list[str]:
+    """The offline corpus as documents without repeats, sorted by topic name.
+
+    Many ``pydoc_data.topics`` entries are excerpts of others (``if``, ``while`` and ``try`` are
+    sections of ``compound``; ``customization`` of ``specialnames``; ``else`` and ``if`` are the
+    same text), so a quarter of the corpus's paragraphs appear twice. Sampled windows must not
+    give calibration and evaluation the same text, so topics are visited longest first and one is
+    dropped when at least half of its text (in paragraphs of over 40 characters) already appeared
+    in a kept topic: 57 of the 79 topics remain, and under 0.1% of their text repeats.
+    """
+    return list(_deduplicated_topics())
+
+
+@functools.lru_cache(maxsize=1)
+def _deduplicated_topics() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    texts = {name: topics[name].strip() for name in topics}
+    seen: set[str] = set()
+    kept = []
+    for name in sorted(texts, key=lambda n: (-len(texts[n]), n)):
+        paragraphs = [part.strip() for part in texts[name].split("\n\n") if part.strip()]
+        total = sum(map(len, paragraphs))
+        repeated = sum(len(part) for part in paragraphs if len(part) > 40 and part in seen)
+        if total and repeated >= total / 2:
+            continue
+        kept.append(name)
+        seen.update(paragraphs)
+    return tuple(texts[name] for name in sorted(kept))
+
+
 def corpus_tokens(
     model,
     n_seqs: int,
     seq_len: int,
     *,
-    text: str | None = None,
+    text: str | Sequence[str] | None = None,
     first_token: FirstToken = "default",
+    seed: int = 0,
+    sampling: str = "windows",
 ) -> Int[Tensor, "n_seqs seq_len"]:
-    """Consecutive, non-overlapping chunks of the tokenized text, from its start.
+    """``n_seqs`` rows of natural text, ``seq_len`` tokens each including the first token.
 
-    The whole text is tokenized once without special tokens. With ``first_token`` other than
-    ``"none"``, each row is that token followed by ``seq_len - 1`` text tokens, so every row has
-    exactly ``seq_len`` tokens either way. Anyone can rebuild the same tensor from the same text
-    and arguments.
+    ``text`` is one document (a string) or several (a sequence of strings); by default the
+    offline corpus, one document per ``pydoc_data.topics`` entry without the topics that repeat
+    others (:func:`corpus_documents`).
+
+    ``sampling="windows"`` (the default) draws seeded windows from the whole corpus, never
+    across a document boundary: each document of ``L`` tokens is cut into ``L // n`` windows of
+    ``n`` text tokens, starting at a seeded offset within its last ``L % n`` tokens (documents
+    shorter than one window are skipped); all windows are shuffled with ``seed`` and the first
+    ``n_seqs`` are returned. Rows never overlap, so the first ``k`` rows of a draw are disjoint
+    from the rest (a calibration / evaluation split), and a draw of ``k`` rows equals the first
+    ``k`` rows of a larger draw with the same seed and length.
+
+    ``sampling="consecutive"`` is the older rule: the documents joined by blank lines (by default
+    :func:`corpus_text`, every topic), cut into consecutive chunks from the start of the text (so
+    every row comes from its first ``n_seqs * seq_len`` tokens; the seed is not used).
+
+    With ``first_token`` other than ``"none"``, each row is that token followed by ``seq_len - 1``
+    text tokens. Text is tokenized without special tokens.
     """
     first_id = _first_id(model, first_token)
     _check_counts(n_seqs, seq_len, model, min_len=1 if first_id is None else 2)
-    if text is None:
-        text = corpus_text()
-    ids = _text_ids(model, text)
+    if sampling not in SAMPLING:
+        raise SinkInterpError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    check_seed(seed)
+    documents = _documents(text)
     n_text = seq_len - (first_id is not None)
-    needed = n_seqs * n_text
-    if len(ids) < needed:
+    if sampling == "consecutive":
+        ids = _text_ids(model, corpus_text() if text is None else "\n\n".join(documents))
+        needed = n_seqs * n_text
+        if len(ids) < needed:
+            raise SinkInterpError(
+                f"the text has {len(ids)} tokens but {n_seqs} sequences of {n_text} text tokens need "
+                f"{needed}: ask for at most {len(ids) // n_text} sequences of this length, shorter "
+                "sequences, or pass a longer text"
+            )
+        tokens = torch.tensor(ids[:needed], dtype=torch.long).reshape(n_seqs, n_text)
+        return _with_first(tokens, first_id)
+    rng = random.Random(seed)
+    windows: list[list[int]] = []
+    for document in documents:
+        ids = _text_ids(model, document)
+        n_windows = len(ids) // n_text
+        if n_windows == 0:
+            continue
+        start = rng.randrange(len(ids) - n_windows * n_text + 1)
+        windows.extend(ids[start + i * n_text : start + (i + 1) * n_text] for i in range(n_windows))
+    rng.shuffle(windows)
+    if len(windows) < n_seqs:
         raise SinkInterpError(
-            f"the text has {len(ids)} tokens but {n_seqs} sequences of {n_text} text tokens need "
-            f"{needed}: ask for at most {len(ids) // n_text} sequences of this length, shorter "
-            "sequences, or pass a longer text"
+            f"the text holds {len(windows)} non-overlapping windows of {n_text} text tokens within its "
+            f"{len(documents)} document(s) but {n_seqs} sequences were asked for: ask for at most "
+            f"{len(windows)} sequences of this length, shorter sequences, a longer text, or "
+            "sampling='consecutive' (which also crosses document boundaries)"
         )
-    tokens = torch.tensor(ids[:needed], dtype=torch.long).reshape(n_seqs, n_text)
-    return _with_first(tokens, first_id)
+    return _with_first(torch.tensor(windows[:n_seqs], dtype=torch.long), first_id)
+
+
+def _documents(text) -> list[str]:
+    if text is None:
+        return corpus_documents()
+    if isinstance(text, str):
+        return [text]
+    if isinstance(text, Sequence) and not isinstance(text, (bytes, bytearray)) and text:
+        bad = [type(d).__name__ for d in text if not isinstance(d, str)]
+        if not bad:
+            return list(text)
+        raise SinkInterpError(f"text documents must be strings, got {bad[0]}")
+    raise SinkInterpError(f"text must be a string or a non-empty sequence of strings (documents), "
+                          f"got {type(text).__name__}")
 
 
 def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str | None = None,

@@ -20,7 +20,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -884,10 +884,14 @@ class ConstantAttentionBias(Intervention):
     position: int = 0
     from_query: int = 16
     method: str = "given"
+    # How a gradient fit went (losses per step, the step kept, the split sizes); not compared.
+    fit_log: Any = field(default=None, compare=False)
 
     def __post_init__(self):
         _norm_common(self)
         check_bool("replace_sink", self.replace_sink)
+        if self.fit_log is not None and not isinstance(self.fit_log, dict):
+            raise SinkInterpError(f"fit_log is a dict written by fit_constant_bias, or None, got {self.fit_log!r}")
         if self.method not in ("given", "moments", "gradient"):
             raise SinkInterpError(f"ConstantAttentionBias method {self.method!r} is not one of 'given', 'moments', "
                                   "'gradient' (it records where the numbers came from)")
@@ -995,6 +999,8 @@ def fit_constant_bias(
     seed: int = 0,
     progress: bool = False,
     history: list | None = None,
+    validation: Tensor | None = None,
+    patience: int = 5,
 ) -> ConstantAttentionBias:
     """A :class:`ConstantAttentionBias` (``replace_sink=True``) fitted on calibration ``tokens``.
 
@@ -1003,8 +1009,13 @@ def fit_constant_bias(
     against the other keys plus their log-sum-exp), and its value the mean sink value.
     ``"gradient"``: starting from the moments, logit and value are optimised with Adam (``steps``,
     ``lr``, mini-batches of ``batch_size``, seeded) to minimise next-token loss on queries
-    i >= from_query, with the model frozen. Evaluate on held-out tokens. ``history``, if given a
-    list, receives each step's mini-batch loss; ``progress`` shows a bar.
+    i >= from_query, with the model frozen. With ``validation`` tokens (sequences not in
+    ``tokens``), the loss on them is measured before the first step and after each one; the
+    parameters with the lowest validation loss are kept (step 0 is the moments), and the fit stops
+    after ``patience`` steps without improvement. Without them the last step is kept, which
+    over-fits small calibration sets: score the result on held-out tokens either way.
+    ``history``, if given a list, receives each step's mini-batch loss; the returned slot's
+    ``fit_log`` holds both loss curves and the step kept. ``progress`` shows a bar.
     """
     if history is not None and not isinstance(history, list):
         raise SinkInterpError(f"history must be a list (it receives each step's loss) or None, got {history!r}")
@@ -1018,6 +1029,14 @@ def fit_constant_bias(
         check_seed(seed)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= 10:
             raise SinkInterpError(f"lr must be a number in (0, 10], got {lr!r}")
+        check_int("patience", patience, 1)
+        if validation is not None:
+            check_tokens(model, validation)
+            if validation.shape[1] <= from_query + 1:
+                raise SinkInterpError(f"validation tokens have {validation.shape[1]} positions: from_query "
+                                      f"{from_query} leaves no query to score")
+    elif validation is not None:
+        raise SinkInterpError("validation tokens stop a gradient fit early: method 'moments' takes none")
     check_tokens(model, tokens)
     _check_from_query(from_query, position)
     if tokens.shape[1] <= from_query + 1:
@@ -1037,11 +1056,13 @@ def fit_constant_bias(
     value = None
     if with_value:
         value = _as_query_heads(_as_kv(model, kept["attn.hook_v"]).mean(dim=1), model.cfg.n_heads)[:, selected_heads]
+    fit_log = None
     if method == "gradient":
-        logit, value = _fit_by_gradient(model, tokens, selected_layers, selected_heads, logit, value,
-                                        position, from_query, steps, lr, batch_size, seed, progress, history)
+        logit, value, fit_log = _fit_by_gradient(model, tokens, validation, selected_layers, selected_heads, logit,
+                                                 value, position, from_query, steps, lr, batch_size, seed, patience,
+                                                 progress, history)
     return ConstantAttentionBias(logit=logit, value=value, layers=layers, heads=heads, replace_sink=True,
-                                 position=position, from_query=from_query, method=method)
+                                 position=position, from_query=from_query, method=method, fit_log=fit_log)
 
 
 def _mean_sink_logit(scores: Tensor, windows: list[int | None], position: int, from_query: int) -> Tensor:
@@ -1059,8 +1080,10 @@ def _mean_sink_logit(scores: Tensor, windows: list[int | None], position: int, f
     return torch.stack(rows)
 
 
-def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_query, steps, lr,
-                     batch_size, seed, progress, history):
+def _fit_by_gradient(model, tokens, validation, layers, heads, logit, value, position, from_query, steps, lr,
+                     batch_size, seed, patience, progress, history):
+    """Adam on the slot's logit (and value) with the model frozen; see :func:`fit_constant_bias`.
+    Returns the kept logit, value and the fit log."""
     device = next(model.parameters()).device
     logit = logit.clone().to(device).requires_grad_(True)
     params = [logit]
@@ -1076,26 +1099,55 @@ def _fit_by_gradient(model, tokens, layers, heads, logit, value, position, from_
 
     tqdm = progress_bar()
 
+    def loss_of(batch: Tensor) -> Tensor:
+        with model.hooks(fwd_hooks=hooks):
+            logits = model(batch, return_type="logits")
+        return torch.nn.functional.cross_entropy(
+            logits[:, from_query:-1].flatten(0, 1).float(), batch[:, from_query + 1 :].flatten(), reduction="sum"
+        ) / (batch.shape[0] * (batch.shape[1] - 1 - from_query))
+
+    def validation_loss() -> float:
+        with torch.no_grad():
+            parts = [float(loss_of(validation[b : b + batch_size].to(device))) * len(validation[b : b + batch_size])
+                     for b in range(0, validation.shape[0], batch_size)]
+        return sum(parts) / validation.shape[0]
+
+    def snapshot():
+        return logit.detach().cpu().clone(), None if value is None else value.detach().cpu().clone()
+
+    validated: list[float] = []
     try:
         hooks = _bias_hooks(model, layers, heads, logit, value, True, position, from_query)
+        best, best_step = snapshot(), 0
+        if validation is not None:
+            validated.append(validation_loss())
         bar = tqdm(range(steps), desc="fit constant bias", unit="step", disable=not progress)
-        for _ in bar:
+        for step in bar:
             rows = torch.randperm(tokens.shape[0], generator=generator)[:batch_size]
-            batch = tokens[rows].to(device)
-            with model.hooks(fwd_hooks=hooks):
-                logits = model(batch, return_type="logits")
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, from_query:-1].flatten(0, 1).float(), batch[:, from_query + 1 :].flatten()
-            )
+            loss = loss_of(tokens[rows].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             history.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            if validation is None:
+                best, best_step = snapshot(), step + 1
+                bar.set_postfix(loss=f"{history[-1]:.4f}")
+                continue
+            validated.append(validation_loss())
+            if validated[-1] < validated[best_step]:
+                best, best_step = snapshot(), step + 1
+            bar.set_postfix(loss=f"{history[-1]:.4f}", validation=f"{validated[-1]:.4f}")
+            if step + 1 - best_step >= patience:
+                break
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return logit.detach().cpu(), None if value is None else value.detach().cpu()
+    log = {"steps_run": len(history), "max_steps": steps, "kept_step": best_step, "train_loss": list(history),
+           "n_train": int(tokens.shape[0]),
+           "n_validation": 0 if validation is None else int(validation.shape[0]),
+           "validation_loss": validated, "patience": patience if validation is not None else None,
+           "stopped_early": validation is not None and len(history) < steps}
+    return best[0], best[1], log
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,8 +93,10 @@ class ScanResult:
         lines = []
         t = self.tokens
         if t:
+            how = {"windows": f"seeded windows (seed {t.get('seed')}) ",
+                   "consecutive": "consecutive chunks from the start "}.get(t.get("sampling"), "")
             lines.append(
-                f"scan of {t['n_seqs']} sequences x {t['seq_len']} tokens from {t['source']} "
+                f"scan of {t['n_seqs']} sequences x {t['seq_len']} tokens, {how}from {t['source']} "
                 f"(first token: {t.get('first_token_resolved', t['first_token'])}"
                 f"{', the model default' if t['first_token'] == 'default' else ''})"
             )
@@ -177,20 +179,26 @@ def scan_corpus(
     n_seqs: int = 32,
     seq_len: int = 64,
     first_token: str | int = "default",
+    seed: int = 0,
+    sampling: str = "windows",
     **kwargs,
 ) -> ScanResult:
-    """:func:`scan` on ``corpus_tokens`` of the offline corpus or of ``text_file``."""
-    tokens, spec = _corpus(model, text_file, n_seqs, seq_len, first_token)
+    """:func:`scan` on :func:`~sinkinterp.data.corpus_tokens` of the offline corpus or of
+    ``text_file`` (one document): seeded windows by default, see ``sampling``."""
+    tokens, spec = _corpus(model, text_file, n_seqs, seq_len, first_token, seed=seed, sampling=sampling)
     return scan(model, tokens, token_spec=spec, **kwargs)
 
 
-def _corpus(model, text_file, n_seqs: int, seq_len: int, first_token) -> tuple[Tensor, dict[str, Any]]:
+def _corpus(model, text_file, n_seqs: int, seq_len: int, first_token, *, seed: int = 0,
+            sampling: str = "windows") -> tuple[Tensor, dict[str, Any]]:
     """The tokens :func:`scan_corpus` measures, and the record of how they were made."""
     from sinkinterp.data import corpus_tokens, resolve_first_token
 
     if text_file is None:
         text, source = None, {"source": CORPUS_SOURCE}
     else:
+        if not isinstance(text_file, (str, Path)):
+            raise SinkInterpError(f"text_file must be a path (str or Path), got {type(text_file).__name__}")
         path = Path(text_file)
         try:
             raw = path.read_bytes()
@@ -201,6 +209,8 @@ def _corpus(model, text_file, n_seqs: int, seq_len: int, first_token) -> tuple[T
         except UnicodeDecodeError:
             raise SinkInterpError(f"text file {str(path)!r} is not UTF-8 text") from None
         source = {"source": str(path), "sha256": hashlib.sha256(raw).hexdigest()}
-    tokens = corpus_tokens(model, n_seqs, seq_len, text=text, first_token=first_token)
+    tokens = corpus_tokens(model, n_seqs, seq_len, text=text, first_token=first_token, seed=seed,
+                           sampling=sampling)
     return tokens, {"n_seqs": n_seqs, "seq_len": seq_len, "first_token": first_token,
-                    "first_token_resolved": resolve_first_token(model, first_token), **source}
+                    "first_token_resolved": resolve_first_token(model, first_token),
+                    "sampling": sampling, **({"seed": seed} if sampling == "windows" else {}), **source}

@@ -11,14 +11,14 @@ import torch
 from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, EditMassiveChannels, MaskSinkKey,
                         PatchFirstTokenResidual, ReplaceSinkKey, SinkInterpError, fit_constant_bias, intervene,
                         qk_massive_values, sink_scores)
-from sinkinterp.data import random_tokens, repeated_random_tokens
+from sinkinterp.data import corpus_tokens, random_tokens, repeated_random_tokens
 from sinkinterp.experiments import load_spec
 from sinkinterp.experiments.stats import bootstrap_mean, bootstrap_statistic, recovery_fraction
 from sinkinterp.figures import figure_png, plot_head_classes, save_figures
 from sinkinterp.metrics import find_massive_activations, residual_profile, stable_massive_channels
 from sinkinterp.heads import RepeatedTokens, classify_heads, head_scores
 from sinkinterp.interventions import Intervention
-from sinkinterp.scan import scan
+from sinkinterp.scan import scan, scan_corpus
 from sinkinterp.tiny import tiny_llama
 from sinkinterp.views import attention_view, compare_view
 
@@ -42,6 +42,11 @@ def forward(m, t, *interventions):
 
 
 CASES = [
+    ("text bytes document", lambda m, t: corpus_tokens(m, 1, 4, text=["fine", b"bytes"]), r"text documents must be strings, got bytes"),
+    ("text no documents", lambda m, t: corpus_tokens(m, 1, 4, text=[]), r"text must be a string or a non-empty sequence of strings \(documents\), got list"),
+    ("text number", lambda m, t: corpus_tokens(m, 1, 4, text=123), r"text must be a string or a non-empty sequence .* got int"),
+    ("corpus seed", lambda m, t: corpus_tokens(m, 1, 4, seed=-1), r"seed must be an integer in 0..2\*\*63-1 .*got -1"),
+    ("scan_corpus text_file 123", lambda m, t: scan_corpus(m, text_file=123), r"text_file must be a path \(str or Path\), got int"),
     ("uint8 tokens", lambda m, t: sink_scores(m, t.to(torch.uint8)), r"got dtype torch.uint8: convert with tokens.long\(\)"),
     ("eps None", lambda m, t: sink_scores(m, t, eps=None), r"eps must be a number or a list of numbers in \(0, 1\)"),
     ("eps string", lambda m, t: sink_scores(m, t, eps="0.3"), r"eps must be a number .* got '0.3'"),

@@ -41,8 +41,9 @@ def test_demo_prints_info_and_a_sensible_completion(smollm2, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "layers        30" in out
     assert "greedy completion of 'The capital of France is'" in out and "Paris" in out
-    assert "scan of 32 sequences x 64 tokens from pydoc_data.topics (first token: none, the model default)" in out
-    assert "sink ratio (Gu et al.: share of (sequence, head) pairs, 270 heads, with alpha at k=0 > eps):  eps=0.3: 0.700" in out
+    assert ("scan of 32 sequences x 64 tokens, seeded windows (seed 0) from pydoc_data.topics (first token: none, "
+            "the model default)") in out
+    assert "sink ratio (Gu et al.: share of (sequence, head) pairs, 270 heads, with alpha at k=0 > eps):  eps=0.3: 0.747" in out
     assert "channel 507   at first token" in out
     results = json.loads((tmp_path / "demo" / "experiment" / "results.json").read_text())
     assert results["spec"]["name"] == "implicit-bias" and results["spec"]["data"]["n_seqs"] == 2
@@ -133,7 +134,7 @@ def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, c
                 "massive_activations", "stable_massive_channels"):
         assert key in record
     assert record["tokens"] == {"n_seqs": 4, "seq_len": 32, "first_token": "default", "first_token_resolved": "none",
-                                "source": "pydoc_data.topics"}
+                                "sampling": "windows", "seed": 0, "source": "pydoc_data.topics"}
     assert record["model"]["source"]["sha256"] and record["versions"]["transformer_lens"] == ".".join(map(str, TL_VERSION))
     assert len(record["alpha_first"]) == 30 and len(record["alpha_first"][0]) == 9
     assert set(record["sink_ratio"]) == {"0.3", "0.8"} and len(record["first_token_share"]) == 30
@@ -143,7 +144,9 @@ def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, c
     profile = record["residual_profile"]
     assert len(profile["top_abs"]) == 30 and profile["sink_channels"][0]["channel"] == 507
     # The tokens can be rebuilt from the record, and give the same numbers.
-    tokens = corpus_tokens(smollm2, record["tokens"]["n_seqs"], record["tokens"]["seq_len"])
+    tokens = corpus_tokens(smollm2, record["tokens"]["n_seqs"], record["tokens"]["seq_len"],
+                           seed=record["tokens"]["seed"], sampling=record["tokens"]["sampling"])
+    assert not torch.equal(tokens, corpus_tokens(smollm2, 4, 32, sampling="consecutive"))
     again = sink_scores(smollm2, tokens)  # another mini-batch size: float32 rounding may differ
     expected = torch.tensor(record["alpha_first"], dtype=torch.float64)
     torch.testing.assert_close(again.alpha_first, expected, rtol=0, atol=1e-6)
@@ -171,7 +174,9 @@ def test_scan_with_a_text_file_and_a_bos_first_token(smollm2, tmp_path, capsys):
         (["--eps", "1.5"], "eps 1.5 is outside (0, 1)"),
         (["--text", "/no/such/file.txt"], "cannot read text file '/no/such/file.txt'"),
         (["--seq-len", "9000"], "seq_len 9000 exceeds the model's context: n_ctx = 8192"),
-        (["--n-seqs", "100000"], "the text has"),
+        (["--n-seqs", "100000"], "the text holds 1396 non-overlapping windows of 64 text tokens"),
+        (["--n-seqs", "100000", "--sampling", "consecutive"], "the text has"),
+        (["--seed", "-1"], "seed must be an integer in 0..2**63-1"),
         (["--first-token", "two words"], "first token 'two words' is not a single token"),
     ],
 )

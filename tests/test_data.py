@@ -14,19 +14,80 @@ def test_corpus_text_is_deterministic_english():
 
 
 @pytest.mark.integration
-def test_corpus_tokens_are_consecutive_chunks_from_the_start(smollm2):
+def test_consecutive_sampling_is_chunks_from_the_start(smollm2):
     text = corpus_text()
     ids = smollm2.tokenizer(text, add_special_tokens=False)["input_ids"]
-    tokens = corpus_tokens(smollm2, 3, 50)
+    tokens = corpus_tokens(smollm2, 3, 50, sampling="consecutive")
     assert tokens.shape == (3, 50) and tokens.dtype == torch.long
     assert tokens.flatten().tolist() == ids[:150]
     assert 1 not in tokens[:, 0].tolist()  # no BOS unless asked
+    assert torch.equal(corpus_tokens(smollm2, 3, 50, sampling="consecutive", seed=7), tokens)  # no seed
+
+
+def _find(row: list[int], docs: list[list[int]]) -> list[tuple[int, int]]:
+    """(document, offset) of every place ``row`` occurs as a contiguous slice."""
+    n = len(row)
+    return [(d, i) for d, ids in enumerate(docs) for i in range(len(ids) - n + 1) if ids[i:i + n] == row]
+
+
+@pytest.mark.integration
+def test_windows_lie_inside_one_document_never_overlap_and_span_the_corpus(smollm2):
+    from sinkinterp.data import corpus_documents
+
+    docs = [smollm2.tokenizer(d, add_special_tokens=False)["input_ids"] for d in corpus_documents()]
+    assert len(docs) == 57  # 22 of the 79 pydoc topics repeat others' text
+    tokens = corpus_tokens(smollm2, 40, 64)
+    assert tokens.shape == (40, 64)
+    places, unique = [], []
+    for row in tokens.tolist():
+        found = _find(row, docs)
+        assert found, "a window that is not a slice of one document (it crosses a boundary)"
+        places.append(found[0])
+        if len(found) == 1:  # a few short passages still occur twice
+            unique.append(found[0])
+    assert len(unique) >= 38
+    spans = sorted((d, i, i + 64) for d, i in unique)
+    for (d1, _, end1), (d2, start2, _) in zip(spans, spans[1:]):
+        assert d1 != d2 or end1 <= start2, "two windows overlap"
+    # Drawn from across the corpus, weighted by document length (long topics hold more windows):
+    # 40 windows fall on 14 of the 57 topics with seed 0, from both halves of the corpus.
+    homes = {d for d, _ in places}
+    assert len(homes) >= 10 and min(homes) < 20 and max(homes) > 40
+    # The old rule took every row from the first 40 x 64 tokens of the joined text.
+    first = corpus_tokens(smollm2, 40, 64, sampling="consecutive")
+    assert not torch.equal(first, tokens)
+
+
+@pytest.mark.integration
+def test_windows_are_seeded_and_a_smaller_draw_is_a_prefix(smollm2):
+    tokens = corpus_tokens(smollm2, 24, 48, seed=3)
+    assert torch.equal(corpus_tokens(smollm2, 24, 48, seed=3), tokens)
+    assert torch.equal(corpus_tokens(smollm2, 8, 48, seed=3), tokens[:8])  # calibration split is stable
+    other = corpus_tokens(smollm2, 24, 48, seed=4)
+    assert not torch.equal(other, tokens)
+    rows = {tuple(r) for r in tokens.tolist()}
+    assert len(rows) == 24  # no repeated window
+
+
+@pytest.mark.integration
+def test_windows_of_given_documents(smollm2):
+    docs = ["alpha beta gamma delta epsilon zeta", "one two three four five six seven eight nine ten"]
+    ids = [smollm2.tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    capacity = sum(len(i) // 4 for i in ids)
+    tokens = corpus_tokens(smollm2, capacity, 4, text=docs, seed=1)
+    assert all(_find(r, ids) for r in tokens.tolist())
+    with pytest.raises(SinkInterpError, match=rf"holds {capacity} non-overlapping windows of 4 text tokens "
+                                              rf"within its 2 document\(s\) but {capacity + 1} sequences"):
+        corpus_tokens(smollm2, capacity + 1, 4, text=docs)
+    # Documents that are not strings: tests/bad_api.py (the suite's type checker answers first here).
+    with pytest.raises(SinkInterpError, match=r"sampling must be one of \('windows', 'consecutive'\), got 'start'"):
+        corpus_tokens(smollm2, 1, 4, sampling="start")
 
 
 @pytest.mark.integration
 def test_corpus_tokens_first_token(smollm2):
-    plain = corpus_tokens(smollm2, 2, 40)
-    with_bos = corpus_tokens(smollm2, 2, 40, first_token="bos")
+    plain = corpus_tokens(smollm2, 2, 40, sampling="consecutive")
+    with_bos = corpus_tokens(smollm2, 2, 40, first_token="bos", sampling="consecutive")
     assert with_bos.shape == (2, 40)
     assert with_bos[:, 0].tolist() == [1, 1]  # <|im_start|>
     assert with_bos[:, 1:].flatten().tolist() == plain.flatten()[:78].tolist()
@@ -38,15 +99,21 @@ def test_corpus_tokens_first_token(smollm2):
 
 @pytest.mark.integration
 def test_corpus_tokens_custom_text(smollm2):
-    tokens = corpus_tokens(smollm2, 1, 4, text="one two three four five")
+    tokens = corpus_tokens(smollm2, 1, 4, text="one two three four five", sampling="consecutive")
     assert smollm2.tokenizer.decode(tokens[0]) == "one two three four"
+    # A window of 4 of the 5 tokens starts at a seeded offset 0 or 1.
+    starts = {smollm2.tokenizer.decode(corpus_tokens(smollm2, 1, 4, text="one two three four five", seed=s)[0])
+              for s in range(8)}
+    assert starts == {"one two three four", " two three four five"}
 
 
 @pytest.mark.integration
 def test_corpus_request_the_text_cannot_fill(smollm2):
     with pytest.raises(SinkInterpError, match=r"the text has 5 tokens but 2 sequences of 4 text tokens need 8: ask for at most 1 sequences"):
+        corpus_tokens(smollm2, 2, 4, text="one two three four five", sampling="consecutive")
+    with pytest.raises(SinkInterpError, match=r"the text holds 1 non-overlapping windows of 4 text tokens within its 1 document"):
         corpus_tokens(smollm2, 2, 4, text="one two three four five")
-    with pytest.raises(SinkInterpError, match=r"the text has \d+ tokens but 100000 sequences of 64"):
+    with pytest.raises(SinkInterpError, match=r"the text holds 1396 non-overlapping windows of 64 text tokens within its 57 document\(s\) but 100000"):
         corpus_tokens(smollm2, 100_000, 64)
 
 

@@ -293,6 +293,41 @@ def test_gradient_fit_lowers_the_calibration_loss(llama):
     assert moments.logit[1][2] == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_gradient_fit_keeps_the_step_with_the_lowest_validation_loss(llama):
+    tokens, validation = random_tokens(llama, 6, 24, seed=5)[:4], random_tokens(llama, 6, 24, seed=5)[4:]
+
+    def loss(bias, batch):
+        with intervene(llama, bias):
+            logits = llama(batch)
+        return float(torch.nn.functional.cross_entropy(logits[:, 4:-1].flatten(0, 1), batch[:, 5:].flatten()))
+
+    # A large learning rate over-fits 4 random sequences: the validation curve turns up and the fit stops.
+    fitted = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=40, lr=1.0, batch_size=4,
+                               validation=validation, patience=3)
+    log = fitted.fit_log
+    curve = log["validation_loss"]
+    assert len(curve) == log["steps_run"] + 1 and log["n_train"] == 4 and log["n_validation"] == 2
+    assert curve[log["kept_step"]] == min(curve)
+    assert log["stopped_early"] and log["steps_run"] == log["kept_step"] + 3 < 40
+    assert loss(fitted, validation) == pytest.approx(curve[log["kept_step"]], abs=1e-5)  # the kept parameters
+    # Kept step 0 would be the moments themselves.
+    moments = fit_constant_bias(llama, tokens, from_query=4)
+    assert loss(moments, validation) == pytest.approx(curve[0], abs=1e-5)
+    # Without a validation split the last step is kept, and the log says there was none.
+    plain = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=5, lr=0.1)
+    assert plain.fit_log["kept_step"] == 5 and plain.fit_log["n_validation"] == 0
+    assert plain.fit_log["validation_loss"] == [] and not plain.fit_log["stopped_early"]
+    # The log survives a round trip and does not take part in equality.
+    again = Intervention.from_dict(json.loads(json.dumps(fitted.to_dict())))
+    assert again == fitted and again.fit_log == log
+    with pytest.raises(SinkInterpError, match="validation tokens stop a gradient fit early: method 'moments'"):
+        fit_constant_bias(llama, tokens, from_query=4, validation=validation)
+    with pytest.raises(SinkInterpError, match="patience must be an integer >= 1, got 0"):
+        fit_constant_bias(llama, tokens, from_query=4, method="gradient", validation=validation, patience=0)
+    with pytest.raises(SinkInterpError, match="validation tokens have 5 positions: from_query 4 leaves no query"):
+        fit_constant_bias(llama, tokens, from_query=4, method="gradient", validation=validation[:, :5])
+
+
 # --------------------------------------------------------------------------------------------
 # Values: serialisation, repr, equality
 

@@ -394,6 +394,95 @@ def test_verdict_follows_the_numbers():
     bad = result([1.6, 1.7, 1.5, 1.6])  # recovers 40%
     assert good["verdict"] == "supported" and good["criteria"][0]["estimate"]["value"] == pytest.approx(0.9625)
     assert bad["verdict"] == "not supported" and bad["criteria"][0]["estimate"]["value"] == pytest.approx(0.4)
+    assert "note" not in good["criteria"][0]
+    # A repair better than clean on every sequence (recovery CI above 1) is an adapter: not evidence.
+    adapter = result([0.9, 1.0, 0.8, 0.9])
+    criterion = adapter["criteria"][0]
+    assert criterion["estimate"]["low"] > 1 and criterion["outcome"] == "inconclusive"
+    assert adapter["verdict"] == "inconclusive" and "an adapter, not evidence" in criterion["note"]
+
+
+def test_a_random_control_is_several_draws_reported_as_a_distribution(tmp_path):
+    spec = ExperimentSpec.from_dict({
+        **SPEC, "metrics": ["loss", "accuracy"], "measurements": [],
+        "conditions": [
+            {"name": "mask", "interventions": [{"type": "MaskSinkKey", "from_query": 8}]},
+            {"name": "control", "control_for": "mask", "draws": 5,
+             "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
+            {"name": "random first", "first_token": "random", "draws": 3},
+        ],
+        "criteria": [{"hypothesis": "h", "kind": "exceeds_control", "condition": "mask", "threshold": 0.0}],
+    })
+    results = run_experiment(spec, tmp_path / "run", log=quiet)
+    control = results["conditions"][1]
+    draws = control["draws"]["draws"]
+    positions = [d["interventions"][0]["position"] for d in draws]
+    assert len(set(positions)) == 5 and all(1 <= p < 8 for p in positions)  # distinct keys in 1..7
+    # The condition's own per-sequence loss is the mean over draws, each draw a full evaluation.
+    per_draw = torch.tensor([d["per_sequence"]["loss"] for d in draws], dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(control["per_sequence"]["loss"], dtype=torch.float64),
+                               per_draw.mean(dim=0), rtol=0, atol=1e-12)
+    spread = control["draws"]["spread"]["loss"]
+    deltas = [d["delta"]["loss"]["value"] for d in draws]
+    assert spread["values"] == deltas and spread["min"] == min(deltas) and spread["max"] == max(deltas)
+    # Each draw is an honest forward pass: draw 2's loss equals masking its key directly.
+    model = tiny_llama()
+    evaluation = random_tokens(model, 9, 32, seed=0)[3:]
+    from sinkinterp.interventions import intervene
+
+    with torch.inference_mode(), intervene(model, MaskSinkKey(from_query=8, position=positions[2])):
+        masked = model(evaluation)[:, 8:-1]
+    expected = token_metrics(masked, evaluation, 8, ("loss",))["loss"]
+    torch.testing.assert_close(per_draw[2], expected, rtol=0, atol=1e-6)
+    # The criterion compares with the most damaging draw.
+    criterion = results["verdicts"][0]["criteria"][0]
+    worst = max(range(5), key=lambda i: deltas[i])
+    assert f"most damaging of 5 draws, #{worst}" in criterion["quantity"]
+    assert control["control"]["excess_loss_over_worst_draw"]["draw"] == worst
+    # Random first tokens: a different draw of tokens each time.
+    first = [tuple(d["first_tokens"]) for d in results["conditions"][2]["draws"]["draws"]]
+    assert len(set(first)) == 3
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "5 draws, Δ loss min" in report and "the most damaging draw by" in report
+    # Resume reads the drawn condition back unchanged.
+    again = run_experiment(spec, tmp_path / "run", resume=True, log=quiet)
+    assert again["conditions"][1]["draws"] == control["draws"]
+
+
+@pytest.mark.parametrize("condition, message", [
+    ({"name": "d", "draws": 3, "interventions": [{"type": "MaskSinkKey", "from_query": 8}]},
+     r"3 draws of a condition with no random choice would be identical"),
+    ({"name": "d", "draws": 8, "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
+     r"8 draws of distinct key positions in 1..7: at most 7"),
+    ({"name": "d", "draws": 0, "first_token": "random"}, r"draws: must be >= 1, got 0"),
+    ({"name": "d", "draws": 2, "sweep": "layers", "first_token": "random"}, r"a sweep cannot also be drawn"),
+])
+def test_bad_draws_are_refused(condition, message):
+    with pytest.raises(SinkInterpError, match=message):
+        ExperimentSpec.from_dict({**SPEC, "conditions": [condition], "criteria": []})
+
+
+def test_a_repair_better_than_clean_is_flagged_in_the_record_and_the_report():
+    from sinkinterp.experiments.report import assemble, format_report
+
+    spec = ExperimentSpec.from_dict(SPEC).with_overrides({"criteria": [
+        {"hypothesis": "h", "kind": "recovers", "condition": "slot", "threshold": 0.8}]})
+    clean = {"loss": [1.0, 1.1, 0.9, 1.0], "kl": [0.0] * 4, "accuracy": [0.5] * 4,
+             "alpha_first": [[[0.5] * 6] * 2] * 4}
+    slots = {"above": [0.9, 1.0, 0.8, 0.9], "noisy": [0.8, 1.3, 0.95, 0.92], "below": [1.05, 1.12, 0.96, 1.02]}
+    flags = {}
+    for name, loss in slots.items():
+        records = [{"name": c.name, "interventions": [], "per_sequence": {**clean, "loss": ls}}
+                   for c, ls in zip(spec.conditions, [[2.0, 2.1, 1.9, 2.0], loss] + [clean["loss"]] * 5)]
+        records[-1] = {"name": spec.conditions[-1].name, "interventions": [], "sweep": []}
+        provenance = {"versions": {}, "git": {}, "seed": 0, "model": {}, "bos_policy": {}, "data": {}}
+        results = assemble(spec, clean, records, {}, provenance)
+        slot = results["conditions"][1]["recovery"]
+        flags[name] = (slot["above_one"], slot["beats_clean"])
+        text = format_report(results)
+        assert ("beats clean: an adapter, not evidence" in text) == slot["beats_clean"]
+        assert ("above 1: better than clean, within noise" in text) == (slot["above_one"] and not slot["beats_clean"])
+    assert flags == {"above": (True, True), "noisy": (True, False), "below": (False, False)}
 
 
 def test_spec_can_mean_ablate_heads(tmp_path):

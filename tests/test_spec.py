@@ -99,6 +99,16 @@ def test_bad_specs_name_the_key(changes, message):
                                  r"is fitted on the calibration split"),
     ({"data__n_seqs": 1}, r"spec.data.n_seqs: must be >= 2, got 1"),
     ({"loss_from": 23}, r"spec.loss_from: 23 leaves no scored query in sequences of 24 tokens: allowed 0..22"),
+    ({"conditions__1__interventions__0__fit": {"method": "gradient"}, "data__n_calibration": 1},
+     r"spec.data.n_calibration: is 1 but spec.conditions\[1\] \('slot'\).interventions\[0\] fits by gradient on the "
+     r"calibration split less 1 validation sequence\(s\): use n_calibration >= 2"),
+    ({"conditions__1__interventions__0__fit": {"method": "gradient", "validation": 2}},
+     r"is 2 but .* less 2 validation sequence\(s\): use n_calibration >= 3"),
+    ({"conditions__1__interventions__0__fit": {"method": "moments", "patience": 3}},
+     r"interventions\[0\].fit: validation and patience stop a gradient fit: they need method 'gradient'"),
+    ({"conditions__1__interventions__0__fit": {"method": "gradient", "validation": 0}},
+     r"fit.validation: 0 is not int: calibration sequences held out"),
+    ({"data__sampling": "start"}, r"spec.data.sampling: 'start' is not one of \('windows', 'consecutive'\)"),
 ])
 def test_impossible_splits(changes, message):
     with pytest.raises(SinkInterpError, match=message):

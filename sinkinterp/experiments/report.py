@@ -22,6 +22,8 @@ from sinkinterp.experiments.stats import Estimate, bootstrap_statistic
 __all__ = ["assemble", "write_outputs", "judge", "format_report"]
 
 PASS, FAIL, OPEN = "pass", "fail", "inconclusive"
+ADAPTER_NOTE = ("recovery above 1 (its whole interval): the repair beats the clean model on held-out data, so it "
+                "is an adapter, not evidence about the sink; counted as inconclusive")
 
 
 def _statistic(metric: str, eps: float) -> Callable[[Tensor], Tensor]:
@@ -116,10 +118,37 @@ def _criterion_estimate(stats: _Stats, criterion: Criterion, by_name: dict, meas
         return f"recovery of {metric}", stats.recovery(broken, ps, metric)
     if kind == "exceeds_control":
         control = next(c for c in stats.spec.conditions if c.control_for == criterion.condition)
+        record = by_name[control.name]
+        if "draws" in record:
+            # Conservative: the target must beat the most damaging of the control's draws.
+            worst = _worst_draw(stats, record["draws"], metric)
+            return (f"delta {metric} minus that of {control.name!r} (its most damaging of {len(record['draws'])} "
+                    f"draws, #{worst['draw']})", stats.difference(ps, worst["per_sequence"], metric))
         return (f"delta {metric} minus that of {control.name!r}",
-                stats.difference(ps, by_name[control.name]["per_sequence"], metric))
+                stats.difference(ps, record["per_sequence"], metric))
     return (f"delta {metric} / delta {metric} of {criterion.other!r}",
             stats.ratio(ps, by_name[criterion.other]["per_sequence"], metric))
+
+
+def _worst_draw(stats: _Stats, draws: list[dict], metric: str) -> dict:
+    """The draw whose mean ``metric`` moved most in the damaging direction (up; down for accuracy)."""
+    sign = -1.0 if metric == "accuracy" else 1.0
+    return max(draws, key=lambda d: sign * float(_statistic(metric, stats.spec.eps)(
+        _series(d["per_sequence"], metric)[None])[0]))
+
+
+def _draw_summary(stats: _Stats, draws: list[dict], metrics: list[str]) -> dict[str, Any]:
+    """Each draw's paired change to clean, and their spread (min / median / max of the means)."""
+    entries = [{"draw": d["draw"], "interventions": d["interventions"],
+                **({"first_tokens": d["first_tokens"]} if "first_tokens" in d else {}),
+                "delta": {m: stats.delta(d["per_sequence"], m).to_dict() for m in metrics},
+                "per_sequence": d["per_sequence"]} for d in draws]
+    spread = {}
+    for m in metrics:
+        values = sorted(e["delta"][m]["value"] for e in entries)
+        spread[m] = {"n": len(values), "min": values[0], "median": float(torch.tensor(values).median()),
+                     "max": values[-1], "values": [e["delta"][m]["value"] for e in entries]}
+    return {"draws": entries, "spread": spread}
 
 
 def _verdicts(stats: _Stats, by_name: dict, measurements: dict) -> list[dict[str, Any]]:
@@ -127,10 +156,16 @@ def _verdicts(stats: _Stats, by_name: dict, measurements: dict) -> list[dict[str
     for criterion in stats.spec.criteria:
         quantity, estimate = _criterion_estimate(stats, criterion, by_name, measurements)
         outcome = judge(criterion.kind, estimate, criterion.threshold)
+        note = None
+        if criterion.kind == "recovers" and estimate.low > 1:
+            # Better than the clean model on held-out data: the repair adds something the model did not
+            # have (an adapter), so recovering the damage says nothing about what the sink did.
+            outcome, note = OPEN, ADAPTER_NOTE
         hypotheses.setdefault(criterion.hypothesis, []).append({
             "kind": criterion.kind, "condition": criterion.condition or None, "quantity": quantity,
             "rule": CRITERION_KINDS[criterion.kind], "threshold": criterion.threshold,
             "estimate": estimate.to_dict(), "outcome": outcome, "description": criterion.description,
+            **({"note": note} if note else {}),
         })
     verdicts = []
     for hypothesis, results in hypotheses.items():
@@ -169,12 +204,21 @@ def assemble(spec: ExperimentSpec, clean: dict, records: list[dict], measurement
             entry["metrics"] = {m: {"value": stats.value(ps, m).to_dict(), "delta": stats.delta(ps, m).to_dict()}
                                 for m in metrics}
             if condition.repairs is not None:
-                entry["recovery"] = {"of": condition.repairs,
-                                     "loss": stats.recovery(by_name[condition.repairs]["per_sequence"], ps, "loss").to_dict()}
+                recovery = stats.recovery(by_name[condition.repairs]["per_sequence"], ps, "loss")
+                entry["recovery"] = {"of": condition.repairs, "loss": recovery.to_dict(),
+                                     # > 1: better than clean (an adapter); beats_clean when the whole CI is
+                                     "above_one": bool(recovery.value > 1), "beats_clean": bool(recovery.low > 1)}
+            if "draws" in record:
+                entry["draws"] = _draw_summary(stats, record["draws"], metrics)
             if condition.control_for is not None:
                 target = by_name[condition.control_for]["per_sequence"]
                 entry["control"] = {"for": condition.control_for,
                                     "excess_loss": stats.difference(target, ps, "loss").to_dict()}
+                if "draws" in record:
+                    worst = _worst_draw(stats, record["draws"], "loss")
+                    entry["control"]["excess_loss"]["over"] = f"the mean of {len(record['draws'])} draws"
+                    entry["control"]["excess_loss_over_worst_draw"] = {
+                        "draw": worst["draw"], **stats.difference(target, worst["per_sequence"], "loss").to_dict()}
             entry["per_sequence"] = ps
         conditions.append(entry)
     measured = {}
@@ -230,7 +274,10 @@ def format_report(results: dict[str, Any]) -> str:
         f"backend `{model.get('backend') or spec['backend']}` (asked: `{spec['backend']}`), "
         f"TransformerLens {model.get('source', {}).get('transformer_lens', '?')}",
         f"- data: {prov['data'].get('corpus') or data['source']}: {data['n_calibration']} calibration + "
-        f"{data['n_seqs']} evaluation sequences of {data['seq_len']} tokens; first token policy "
+        f"{data['n_seqs']} evaluation sequences of {data['seq_len']} tokens"
+        + {"windows": f" (seeded windows within documents, seed {data.get('seed')}, none overlapping)",
+           "consecutive": " (consecutive chunks from the start of the text)"}.get(prov["data"].get("sampling"), "")
+        + "; first token policy "
         f"`{data['first_token']}`"
         + (f" (the model's: `{resolved}`)" if (resolved := prov.get("bos_policy", {}).get("first_token_resolved",
                                                                                              data["first_token"]))
@@ -254,11 +301,38 @@ def format_report(results: dict[str, Any]) -> str:
         extra = ""
         if "recovery" in c:
             extra = f"recovers {_est(c['recovery']['loss'], 2)} of {c['recovery']['of']!r}"
+            if c["recovery"].get("beats_clean"):
+                extra += " **(beats clean: an adapter, not evidence)**"
+            elif c["recovery"].get("above_one"):
+                extra += " (above 1: better than clean, within noise)"
         if "control" in c:
             extra = f"{c['control']['for']!r} exceeds this by {_signed(c['control']['excess_loss'])}"
+            if "excess_loss_over_worst_draw" in c["control"]:
+                extra += (f" (mean of {c['draws']['spread']['loss']['n']} draws; the most damaging draw by "
+                          f"{_signed(c['control']['excess_loss_over_worst_draw'])})")
+        if "draws" in c:
+            spread = c["draws"]["spread"]["loss"]
+            extra += (f"{'; ' if extra else ''}{spread['n']} draws, Δ loss min {spread['min']:+.3f} / median "
+                      f"{spread['median']:+.3f} / max {spread['max']:+.3f}")
         values = " | ".join(_est(c["metrics"][m]["value"]) for m in metrics)
         lines.append(f"| {c['name']} | {values} | {_signed(c['metrics']['loss']['delta'])} | {extra} |")
-    lines += ["", "![loss per condition](conditions.png)", ""]
+    lines += ["", "![change per condition, paired to clean](conditions.png)", ""]
+    fits = [(c["name"], iv["fit_log"]) for c in results["conditions"] for iv in c["interventions"]
+            if isinstance(iv, dict) and iv.get("fit_log")]
+    if fits:
+        lines += ["### Gradient fits", ""]
+        for name, log in fits:
+            if log["n_validation"]:
+                curve = log["validation_loss"]
+                lines.append(
+                    f"- {name}: fitted on {log['n_train']} calibration sequences, stopped on {log['n_validation']} "
+                    f"held-out calibration sequences: kept step {log['kept_step']} of {log['steps_run']} run (at most "
+                    f"{log['max_steps']}; step 0 is the moments); validation loss {curve[0]:.4f} at step 0, "
+                    f"{curve[log['kept_step']]:.4f} kept. Scored on the evaluation split, which it never saw.")
+            else:
+                lines.append(f"- {name}: fitted on {log['n_train']} sequences for {log['steps_run']} steps with no "
+                             "validation split (the last step kept).")
+        lines.append("")
     for c in results["conditions"]:
         if "sweep" not in c:
             continue
@@ -283,7 +357,8 @@ def format_report(results: dict[str, Any]) -> str:
             subject = f"{r['condition']!r}: " if r["condition"] else ""
             lines.append(f"- {r['outcome'].upper()}: {subject}{r['quantity']} = {_est(r['estimate'])}; "
                          f"rule: {r['rule']} with threshold {r['threshold']:g}"
-                         + (f". {r['description']}" if r["description"] else ""))
+                         + (f". {r['description']}" if r["description"] else "")
+                         + (f". **{r['note']}**" if r.get("note") else ""))
         lines.append("")
     lines.append("A criterion passes when its whole interval satisfies the rule, fails when none of it does, "
                  "and is inconclusive otherwise; a hypothesis is supported when all its criteria pass and "
@@ -306,15 +381,21 @@ def figures(results: dict[str, Any]) -> dict[str, bytes]:
     if plain:
         fig, axes = _subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(plain) + 1.6), squeeze=False)
         for ax, metric in zip(axes[0], panels):
-            names = ["clean"] + [c["name"] for c in plain]
-            estimates = [results["clean"]["metrics"][metric]] + [c["metrics"][metric]["value"] for c in plain]
+            # Paired differences to clean (the same sequences under both), with their bootstrap CIs:
+            # the quantity the verdicts test, not absolute values with unpaired intervals.
+            names = [c["name"] for c in plain]
+            estimates = [c["metrics"][metric]["delta"] for c in plain]
             y = list(range(len(names)))[::-1]
             values = [e["value"] for e in estimates]
             errors = [[e["value"] - e["low"] for e in estimates], [e["high"] - e["value"] for e in estimates]]
             ax.errorbar(values, y, xerr=errors, fmt="o", capsize=3)
-            ax.axvline(values[0], color="grey", lw=0.8, ls="--")
+            for row, c in zip(y, plain):  # a drawn control: each draw's mean change as a grey dot
+                if "draws" in c:
+                    spread = c["draws"]["spread"][metric]["values"]
+                    ax.plot(spread, [row] * len(spread), "|", color="grey", ms=9, alpha=0.8)
+            ax.axvline(0, color="grey", lw=0.8, ls="--")
             ax.set_yticks(y, names)
-            ax.set_xlabel(f"{_LABELS[metric]} ({results['spec']['bootstrap']['confidence']:.0%} CI)")
+            ax.set_xlabel(f"Δ {_LABELS[metric]} vs clean, paired ({results['spec']['bootstrap']['confidence']:.0%} CI)")
         fig.suptitle(results["spec"]["name"])
         out["conditions.png"] = figure_png(fig)
     for c in results["conditions"]:

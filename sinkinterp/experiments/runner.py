@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
 import subprocess
 import time
@@ -103,7 +104,7 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
 
 def _data(model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Calibration and evaluation tokens (disjoint: calibration first) and how they were made."""
-    from sinkinterp.data import corpus_text, corpus_tokens, random_tokens
+    from sinkinterp.data import corpus_documents, corpus_tokens, random_tokens
 
     data = spec.data
     n_total = data.n_calibration + data.n_seqs
@@ -114,13 +115,18 @@ def _data(model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
         record["seed"] = data.seed
     else:
         if data.source == "corpus":
-            text = corpus_text()
+            text = corpus_documents()
             record["corpus"] = "pydoc_data.topics"
         else:
-            text = Path(data.source).read_text(encoding="utf-8")
-        record["text_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+            text = [Path(data.source).read_text(encoding="utf-8")]  # one document
+        record["text_sha256"] = hashlib.sha256("\n\n".join(text).encode()).hexdigest()
+        record["n_documents"] = len(text)
+        record["sampling"] = data.sampling
+        if data.sampling == "windows":
+            record["seed"] = data.seed
         try:
-            tokens = corpus_tokens(model, n_total, data.seq_len, text=text, first_token=data.first_token)
+            tokens = corpus_tokens(model, n_total, data.seq_len, text=text, first_token=data.first_token,
+                                   seed=data.seed, sampling=data.sampling)
         except SinkInterpError as e:
             raise SinkInterpError(
                 f"spec.data: the split needs {data.n_calibration} calibration + {data.n_seqs} evaluation "
@@ -151,7 +157,10 @@ class _PerBatch:
                 "resolved": "per sequence: calibration sequence (row % n_calibration)'s first-token residual"}
 
 
-def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | _PerBatch:
+def _fit(model, record: dict, calibration: Tensor, seed: int, draw: int = 0,
+         n_draws: int = 1) -> Intervention | _PerBatch:
+    """The intervention ``record`` describes, fitted on ``calibration``. Random choices are draw
+    ``draw`` of ``n_draws`` (distinct key positions across draws; channels drawn with seed + draw)."""
     kind, fit = record["type"], record.get("fit")
     plain = {k: v for k, v in record.items() if k not in ("type", "fit")}
 
@@ -167,9 +176,8 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
         low = fit.get("low", 1)
         if fit.get("position") != "random" or not 0 <= low < from_query:
             raise SinkInterpError(f"MaskSinkKey fit needs position: random and 0 <= low < from_query, got {fit}")
-        generator = torch.Generator().manual_seed(seed)
-        position = int(torch.randint(low, from_query, (1,), generator=generator))
-        return cls(**{**plain, "position": position})
+        positions = random.Random(seed).sample(range(low, from_query), n_draws)  # distinct across draws
+        return cls(**{**plain, "position": positions[draw]})
     if kind == "AblateSinkValue":
         mode = fit.get("mode", "mean")
         source = calibration if mode == "mean" else calibration[:1]
@@ -182,7 +190,7 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
         edit = cls.fit(model, calibration, min_fraction=fit.get("min_fraction", 0.5),
                        **given("channels", "positions", "layers", "mode", "factor"))
         if fit.get("control") == "random":
-            edit = edit.random_control(model, calibration, seed=seed, pool=fit.get("pool", 10))
+            edit = edit.random_control(model, calibration, seed=seed + draw, pool=fit.get("pool", 10))
         elif fit.get("control") is not None:
             raise SinkInterpError(f"EditMassiveChannels fit control {fit['control']!r} is not 'random' or null")
         return edit
@@ -196,8 +204,14 @@ def _fit(model, record: dict, calibration: Tensor, seed: int) -> Intervention | 
         return cls.fit(model, source, **options)
     if kind == "ConstantAttentionBias":
         options = given("layers", "heads", "position", "from_query")
-        options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value") if k in fit})
-        return fit_constant_bias(model, calibration, method=fit.get("method", "moments"), seed=seed, **options)
+        options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value", "patience") if k in fit})
+        method = fit.get("method", "moments")
+        if method == "gradient":
+            # Fit on the calibration split less its last sequences, stop on those, score on evaluation.
+            held = fit.get("validation", max(1, calibration.shape[0] // 4))
+            return fit_constant_bias(model, calibration[:-held], method=method, seed=seed,
+                                     validation=calibration[-held:], **options)
+        return fit_constant_bias(model, calibration, method=method, seed=seed, **options)
     if kind == "AblateHeads":
         if fit.get("mode", "mean") != "mean":
             raise SinkInterpError(f"AblateHeads fit mode {fit['mode']!r} is not 'mean'")
@@ -457,6 +471,8 @@ def _show_progress() -> bool:
 
 
 def _run_condition(run: Prepared, condition: ConditionSpec, progress: bool) -> dict[str, Any]:
+    if condition.draws > 1:
+        return _run_draws(run, condition)
     spec, model = run.spec, run.model
     interventions = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
     record: dict[str, Any] = {
@@ -473,6 +489,27 @@ def _run_condition(run: Prepared, condition: ConditionSpec, progress: bool) -> d
         record["first_tokens"] = first_token.tolist()
     record["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
     return record
+
+
+def _run_draws(run: Prepared, condition: ConditionSpec) -> dict[str, Any]:
+    """Each draw of a random condition evaluated in full; the condition's own per-sequence values
+    are the mean over draws, and every draw is kept (the report shows their distribution)."""
+    spec, model = run.spec, run.model
+    draws = []
+    for draw in range(condition.draws):
+        interventions = [_fit(model, record, run.calibration, spec.seed, draw, condition.draws)
+                         for record in condition.interventions]
+        entry: dict[str, Any] = {"draw": draw, "interventions": [iv.to_dict() for iv in interventions]}
+        first_token = None
+        if condition.first_token is not None:
+            first_token = _first_tokens(model, condition.first_token, run.evaluation.shape[0], spec.seed + draw)
+            entry["first_tokens"] = first_token.tolist()
+        entry["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
+        draws.append(entry)
+    mean = {key: torch.tensor([d["per_sequence"][key] for d in draws], dtype=torch.float64).mean(dim=0).tolist()
+            for key in draws[0]["per_sequence"]}
+    return {"name": condition.name, "interventions": draws[0]["interventions"], "draws": draws,
+            "per_sequence": mean}
 
 
 def _first_tokens(model, token, n: int, seed: int) -> Tensor:

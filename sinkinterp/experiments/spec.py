@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from sinkinterp._yaml import check_finite, read_yaml_file
+from sinkinterp.data import SAMPLING
 from sinkinterp.experiments.stats import MAX_RESAMPLES
 
 from sinkinterp.errors import SinkInterpError
@@ -54,8 +55,11 @@ FIT_OPTIONS: dict[str, dict[str, str]] = {
     "ReplaceSinkKey": {"mode": "'mean_other' or 'patch' (first calibration sequence)"},
     "EditMassiveChannels": {"min_fraction": "float in (0, 1]", "control": "'random' or null", "pool": "int"},
     "PatchFirstTokenResidual": {"source": "'mean', 'other' (each sequence gets another input's), or a token"},
-    "ConstantAttentionBias": {"method": "'moments' or 'gradient'", "steps": "int", "lr": "float",
-                              "batch_size": "int", "with_value": "bool"},
+    "ConstantAttentionBias": {"method": "'moments' or 'gradient'", "steps": "int (at most)", "lr": "float",
+                              "batch_size": "int", "with_value": "bool",
+                              "validation": "int: calibration sequences held out to stop a gradient fit "
+                                            "(default a quarter, at least 1)",
+                              "patience": "int: steps without a better validation loss before stopping (default 5)"},
     "AblateHeads": {"mode": "'mean' (each head's output averaged over the calibration split)"},
 }
 
@@ -71,7 +75,10 @@ class DataSpec:
     n_calibration: int = 8
     # The BOS policy: 'default' (the model's own convention), 'none', 'bos', a token string or an id.
     first_token: Union[str, int] = "default"
-    seed: int = 0  # for source 'random'
+    seed: int = 0  # draws the random tokens, or which corpus windows
+    # Text sources: 'windows' (seeded, non-overlapping, within one document; the default) or
+    # 'consecutive' (chunks from the start of the text, the rule of sinkinterp before windows)
+    sampling: str = "windows"
     batch_size: int = 8
 
 
@@ -85,6 +92,9 @@ class ConditionSpec:
     repairs: Union[str, None] = None  # the broken condition this one repairs (recovery fraction)
     control_for: Union[str, None] = None  # the condition this one controls for
     sweep: Union[str, None] = None  # 'layers' or 'heads': one variant per layer / (layer, head)
+    # A condition with a seeded random choice (a random key position, random channels, random first
+    # tokens) run this many times with different draws; it is reported as a distribution.
+    draws: int = 1
     description: str = ""
 
 
@@ -247,6 +257,8 @@ def _validate(spec: ExperimentSpec) -> None:
         _fail("spec.backend", f"{spec.backend!r} is not one of 'auto', 'hooked', 'bridge'")
     if data.source not in DATA_SOURCES and not Path(data.source).is_file():
         _fail("spec.data.source", f"{data.source!r} is neither one of {DATA_SOURCES} nor an existing text file")
+    if data.sampling not in SAMPLING:
+        _fail("spec.data.sampling", f"{data.sampling!r} is not one of {SAMPLING}")
     _at_least("spec.data.seq_len", data.seq_len, 2)
     _at_least("spec.data.n_seqs", data.n_seqs, 2)  # a bootstrap over sequences needs two
     _at_least("spec.data.n_calibration", data.n_calibration, 0)
@@ -289,7 +301,16 @@ def _validate(spec: ExperimentSpec) -> None:
             target = getattr(condition, key)
             if target is not None and (target not in names or target == condition.name):
                 _fail(f"{path}.{key}", f"{target!r} is not another condition; conditions: {', '.join(names)}")
+        _at_least(f"{path}.draws", condition.draws, 1)
+        if condition.draws > MAX_DRAWS:
+            _fail(f"{path}.draws", f"{condition.draws} is more than {MAX_DRAWS} (each draw is a full evaluation)")
+        if condition.draws > 1 and not _is_random(condition):
+            _fail(f"{path}.draws", f"{condition.draws} draws of a condition with no random choice would be identical: "
+                  "draws need first_token: random, a MaskSinkKey fit with position: random, or an "
+                  "EditMassiveChannels fit with control: random")
         if condition.sweep is not None:
+            if condition.draws > 1:
+                _fail(f"{path}.draws", "a sweep cannot also be drawn several times")
             if condition.sweep not in SWEEPS:
                 _fail(f"{path}.sweep", f"{condition.sweep!r} is not one of {SWEEPS}")
             if condition.first_token is not None:
@@ -322,9 +343,21 @@ def _validate(spec: ExperimentSpec) -> None:
                 if check is not None and not check(value):
                     _fail(f"{where}.fit.{key}", f"{value!r} is not {options[key]}")
             _check_positions(plain, data.seq_len, where)
+            if kind == "MaskSinkKey" and fit.get("position") == "random":
+                low, high = fit.get("low", 1), plain.get("from_query", 16)
+                if condition.draws > high - low:
+                    _fail(f"{path}.draws", f"{condition.draws} draws of distinct key positions in {low}..{high - 1}: "
+                          f"at most {max(high - low, 0)}")
             if isinstance(plain.get("layers"), str) and not (kind == "EditMassiveChannels" and plain["layers"] in ("first", "all")):
                 _fail(f"{where}.layers", f"{plain['layers']!r}: give layer numbers (a fitted EditMassiveChannels also "
                       "takes 'first', the first massive layer, its default, or 'all')")
+            if kind == "ConstantAttentionBias" and fit.get("method") == "gradient":
+                held = fit.get("validation", max(1, data.n_calibration // 4))
+                if data.n_calibration < held + 1:
+                    _fail("spec.data.n_calibration", f"is {data.n_calibration} but {where} fits by gradient on the "
+                          f"calibration split less {held} validation sequence(s): use n_calibration >= {held + 1}")
+            elif kind == "ConstantAttentionBias" and ("validation" in fit or "patience" in fit):
+                _fail(f"{where}.fit", "validation and patience stop a gradient fit: they need method 'gradient'")
             token_patch = kind == "PatchFirstTokenResidual" and fit.get("source") not in ("mean", "other")
             if kind != "MaskSinkKey" and not token_patch:
                 needs_calibration.append(where)
@@ -337,6 +370,20 @@ def _validate(spec: ExperimentSpec) -> None:
 
     for i, criterion in enumerate(spec.criteria):
         _validate_criterion(spec, criterion, f"spec.criteria[{i}]", names)
+
+
+MAX_DRAWS = 100
+
+
+def _is_random(condition: ConditionSpec) -> bool:
+    """Whether the condition makes a seeded random choice (so several draws differ)."""
+    if condition.first_token == "random":
+        return True
+    for record in condition.interventions:
+        fit = record.get("fit") if isinstance(record, dict) else None
+        if isinstance(fit, dict) and (fit.get("position") == "random" or fit.get("control") == "random"):
+            return True
+    return False
 
 
 def _is_int(low):
@@ -363,6 +410,8 @@ _FIT_CHECKS = {
     ("ConstantAttentionBias", "lr"): _is_number(0, 10),
     ("ConstantAttentionBias", "batch_size"): _is_int(1),
     ("ConstantAttentionBias", "with_value"): lambda v: isinstance(v, bool),
+    ("ConstantAttentionBias", "validation"): _is_int(1),
+    ("ConstantAttentionBias", "patience"): _is_int(1),
     ("AblateHeads", "mode"): lambda v: v == "mean",
 }
 
