@@ -449,6 +449,21 @@ def test_a_random_control_is_several_draws_reported_as_a_distribution(tmp_path):
     assert again["conditions"][1]["draws"] == control["draws"]
 
 
+def test_from_layer_patches_the_layers_of_the_model_that_runs(tmp_path):
+    spec = ExperimentSpec.from_dict({**SPEC, "metrics": ["loss"], "measurements": [], "criteria": [], "conditions": [
+        {"name": "late", "interventions": [{"type": "PatchFirstTokenResidual", "fit": {"source": "mean", "from_layer": 1}}]},
+        {"name": "all", "interventions": [{"type": "PatchFirstTokenResidual", "fit": {"source": "mean"}}]}]})
+    results = run_experiment(spec, None, log=quiet)
+    late, every = (c["interventions"][0] for c in results["conditions"])
+    assert late["layers"] == [1] and every["layers"] is None
+    too_deep = ExperimentSpec.from_dict({**SPEC, "metrics": ["loss"], "measurements": [], "criteria": [], "conditions": [
+        {"name": "x", "interventions": [{"type": "PatchFirstTokenResidual", "fit": {"source": "mean", "from_layer": 2}}]}]})
+    lines = []
+    with pytest.raises(SinkInterpError, match=r"interventions\[0\]: fit from_layer 2: the model has 2 layers \(0..1\)"):
+        run_experiment(too_deep, None, log=lines.append)
+    assert lines == []  # refused before the clean run
+
+
 @pytest.mark.parametrize("condition, message", [
     ({"name": "d", "draws": 3, "interventions": [{"type": "MaskSinkKey", "from_query": 8}]},
      r"3 draws of a condition with no random choice would be identical"),

@@ -108,6 +108,9 @@ def test_bad_specs_name_the_key(changes, message):
      r"interventions\[0\].fit: validation and patience stop a gradient fit: they need method 'gradient'"),
     ({"conditions__1__interventions__0__fit": {"method": "gradient", "validation": 0}},
      r"fit.validation: 0 is not int: calibration sequences held out"),
+    ({"conditions__1__interventions": [{"type": "PatchFirstTokenResidual", "layers": [1],
+                                         "fit": {"source": "mean", "from_layer": 1}}]},
+     r"interventions\[0\].fit.from_layer: give layers or fit.from_layer, not both"),
     ({"data__sampling": "start"}, r"spec.data.sampling: 'start' is not one of \('windows', 'consecutive'\)"),
 ])
 def test_impossible_splits(changes, message):

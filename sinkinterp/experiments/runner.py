@@ -82,6 +82,10 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                 source = (record.get("fit") or {}).get("source")
                 if record["type"] == "PatchFirstTokenResidual" and source not in (None, "mean", "other"):
                     resolve_token(model, source)
+                from_layer = (record.get("fit") or {}).get("from_layer")
+                if from_layer is not None and from_layer >= cfg.n_layers:
+                    raise SinkInterpError(f"fit from_layer {from_layer}: the model has {cfg.n_layers} layers "
+                                          f"(0..{cfg.n_layers - 1})")
                 layers = record.get("layers")
                 if not isinstance(layers, str):  # 'first' / 'all' (a fitted massive edit): checked with the spec
                     _layers(model, layers)
@@ -196,9 +200,11 @@ def _fit(model, record: dict, calibration: Tensor, seed: int, draw: int = 0,
         return edit
     if kind == "PatchFirstTokenResidual":
         source = fit.get("source", "mean")
+        if "from_layer" in fit:  # layers from_layer..n_layers-1 of this model (checked against it first)
+            plain = {**plain, "layers": list(range(fit["from_layer"], model.cfg.n_layers))}
         if source == "other":
             return _PerBatch(plain, calibration)
-        options = given("layers", "hook", "position")
+        options = {k: plain[k] for k in ("layers", "hook", "position") if k in plain}
         if source == "mean":
             return cls.fit(model, "mean", reference=calibration, **options)
         return cls.fit(model, source, **options)

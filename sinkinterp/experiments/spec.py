@@ -54,7 +54,8 @@ FIT_OPTIONS: dict[str, dict[str, str]] = {
     "AblateSinkValue": {"mode": "'mean' (over calibration) or 'patch' (first calibration sequence)"},
     "ReplaceSinkKey": {"mode": "'mean_other' or 'patch' (first calibration sequence)"},
     "EditMassiveChannels": {"min_fraction": "float in (0, 1]", "control": "'random' or null", "pool": "int"},
-    "PatchFirstTokenResidual": {"source": "'mean', 'other' (each sequence gets another input's), or a token"},
+    "PatchFirstTokenResidual": {"source": "'mean', 'other' (each sequence gets another input's), or a token",
+                                "from_layer": "int: patch layers from_layer.. of the model (instead of layers)"},
     "ConstantAttentionBias": {"method": "'moments' or 'gradient'", "steps": "int (at most)", "lr": "float",
                               "batch_size": "int", "with_value": "bool",
                               "validation": "int: calibration sequences held out to stop a gradient fit "
@@ -356,6 +357,8 @@ def _validate(spec: ExperimentSpec) -> None:
                 if data.n_calibration < held + 1:
                     _fail("spec.data.n_calibration", f"is {data.n_calibration} but {where} fits by gradient on the "
                           f"calibration split less {held} validation sequence(s): use n_calibration >= {held + 1}")
+            elif kind == "PatchFirstTokenResidual" and "from_layer" in fit and "layers" in plain:
+                _fail(f"{where}.fit.from_layer", "give layers or fit.from_layer, not both")
             elif kind == "ConstantAttentionBias" and ("validation" in fit or "patience" in fit):
                 _fail(f"{where}.fit", "validation and patience stop a gradient fit: they need method 'gradient'")
             token_patch = kind == "PatchFirstTokenResidual" and fit.get("source") not in ("mean", "other")
@@ -405,6 +408,7 @@ _FIT_CHECKS = {
     ("EditMassiveChannels", "control"): lambda v: v in ("random", None),
     ("EditMassiveChannels", "pool"): _is_int(1),
     ("PatchFirstTokenResidual", "source"): lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
+    ("PatchFirstTokenResidual", "from_layer"): _is_int(0),
     ("ConstantAttentionBias", "method"): lambda v: v in ("moments", "gradient"),
     ("ConstantAttentionBias", "steps"): _is_int(1),
     ("ConstantAttentionBias", "lr"): _is_number(0, 10),
