@@ -343,7 +343,7 @@ def _heads(args) -> int:
         validation = validate_heads(model, table, k=args.k, n_random=args.n_random, ablation=args.ablation,
                                     sets=args.sets, seed=args.seed, batch_size=args.batch_size,
                                     n_prompts=args.validate_prompts, context_len=lens[len(lens) // 2],
-                                    n_seqs=args.n_seqs, per_head=args.per_head)
+                                    n_seqs=args.n_seqs, per_head=args.per_head, match=args.match)
         print()
         print(validation)
         record["validation"] = validation.to_dict()
@@ -404,6 +404,8 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
                        help="held-out needle prompts at the median context length (default 16)")
     group.add_argument("--sets", choices=("top", "exclusive"), default="top",
                        help="top-k by score, or top-k recall among non-induction heads and vice versa")
+    group.add_argument("--match", choices=("layer", "none"), default="layer",
+                       help="random sets layer-matched to the induction set, or drawn from all other heads")
     group.add_argument("--per-head", action="store_true",
                        help="with --validate: also ablate each head of the two sets alone")
     group.add_argument("--copying", action="store_true",

@@ -997,6 +997,7 @@ class HeadValidation:
     n_resamples: int
     seed: int
     data: dict[str, Any]
+    match: str = "none"  # how the random sets were drawn: 'layer' (matched to the induction set) or 'none'
 
     def estimates(self) -> pd.DataFrame:
         """Per condition and metric: mean with CI, and the paired difference to clean with CI."""
@@ -1053,12 +1054,14 @@ class HeadValidation:
             "per_seq": self.per_seq,
             "n_resamples": self.n_resamples,
             "seed": self.seed,
+            "match": self.match,
             "data": self.data,
         }
 
     def __str__(self) -> str:
         frame = self.estimates()
-        lines = [f"Causal validation: {self.ablation}-ablate k={self.k} heads per condition ({self.sets} sets) "
+        lines = [f"Causal validation: {self.ablation}-ablate k={self.k} heads per condition ({self.sets} sets; "
+                 f"random sets {'layer-matched to the induction set' if self.match == 'layer' else 'unmatched'}) "
                  f"(95% paired bootstrap CIs, {self.n_resamples} resamples)"]
         for condition in [c for c in self.per_seq if not c.startswith(("random-", "alone-"))]:
             heads = ", ".join(_head_name(*p) for p in self.conditions.get(condition, ()))
@@ -1087,6 +1090,22 @@ class HeadValidation:
         return "\n".join(lines)
 
 
+def _layer_matched(pool: list[tuple[int, int]], reference: list[tuple[int, int]], rng: random.Random
+                   ) -> tuple[tuple[int, int], ...]:
+    """One random head from ``pool`` per reference head, in the same layer where one is left, else in
+    the nearest layer that has one (ties: the lower layer)."""
+    left = list(pool)
+    chosen = []
+    for layer, _ in reference:
+        nearest = min(abs(l - layer) for l, _ in left)
+        candidates = [p for p in left if abs(p[0] - layer) == nearest]
+        candidates = [p for p in candidates if p[0] == min(c[0] for c in candidates)]
+        pick = rng.choice(candidates)
+        chosen.append(pick)
+        left.remove(pick)
+    return tuple(sorted(chosen))
+
+
 def validate_heads(
     model,
     table: pd.DataFrame,
@@ -1104,12 +1123,16 @@ def validate_heads(
     batch_size: int = 4,
     n_resamples: int = 2000,
     per_head: bool = False,
+    match: str = "layer",
 ) -> HeadValidation:
     """Ablate the top-``k`` recall heads, the top-``k`` induction heads and ``n_random`` seeded
     draws of ``k`` other heads (none of either top set); measure the needle reproduction loss and
     accuracy (teacher-forced) and the induction loss on repeated random tokens (second half).
     With ``per_head``, also each head of the two sets alone (one-head-at-a-time ablation, as in
     ARENA: a set's effect can be one head's, or need several together).
+    ``match="layer"`` (default) draws each random set layer-matched to the induction set: for each of
+    its heads, a random other head of the same layer (the nearest layer with one left, if none);
+    ``"none"`` draws ``k`` heads uniformly from the rest.
 
     ``sets="exclusive"`` takes the top-``k`` recall heads among those *not* labelled induction and
     the top-``k`` induction heads among those not labelled recall: when the two scores pick the
@@ -1134,6 +1157,8 @@ def validate_heads(
             raise SinkInterpError(f"the table has no {label!r} score: classify with that scorer first")
     check_int("n_random", n_random, 1)
     check_bool("per_head", per_head)
+    if match not in ("layer", "none"):
+        raise SinkInterpError(f"match {match!r} is not one of 'layer', 'none'")
     if sets not in ("top", "exclusive"):
         raise SinkInterpError(f"sets {sets!r} is not one of 'top', 'exclusive'")
     everyone = [(int(l), int(h)) for l, h in zip(table["layer"], table["head"])]
@@ -1147,7 +1172,10 @@ def validate_heads(
     if len(pool) < k:
         raise SinkInterpError(f"k = {k}: only {len(pool)} heads are outside the top recall and induction sets, "
                               f"too few for a random draw of {k}")
-    draws = [tuple(sorted(random.Random(seed * 1000 + i).sample(pool, k))) for i in range(n_random)]
+    if match == "none":
+        draws = [tuple(sorted(random.Random(seed * 1000 + i).sample(pool, k))) for i in range(n_random)]
+    else:
+        draws = [_layer_matched(pool, induction, random.Random(seed * 1000 + i)) for i in range(n_random)]
 
     eval_seed = seed + 1000
     needle = needle_prompts(model, n_prompts, context_len, seed=eval_seed)
@@ -1177,6 +1205,6 @@ def validate_heads(
     }
     return HeadValidation(
         k=k, ablation=ablation, sets=sets, conditions=conditions, per_seq=per_seq, n_resamples=n_resamples, seed=seed,
-        data={"needle": needle.to_dict(), "repeated": {"n_seqs": n_seqs, "half_len": half_len, "seed": eval_seed},
+        match=match, data={"needle": needle.to_dict(), "repeated": {"n_seqs": n_seqs, "half_len": half_len, "seed": eval_seed},
               "reference": None if means is None else {"n_seqs": n_reference, "seq_len": 128, "seed": eval_seed}},
     )

@@ -37,12 +37,21 @@ def test_implicit_bias_from_the_cli(smollm2, tmp_path, capsys):
     assert bos["first_token_resolved"] == "none"  # SmolLM2's own convention: no BOS
     assert results["spec"]["data"]["seq_len"] == 48
     conditions = by_name(results)
-    assert len(conditions) == 8
+    assert len(conditions) == 9
     mask = conditions["sink key masked"]["metrics"]["loss"]["delta"]
     assert mask["low"] > 0.3  # removing the sink's key hurts this model badly
     slot = conditions["constant slot (moments)"]["recovery"]["loss"]
     assert slot["value"] > 0.6  # and a constant slot gives most of it back
-    assert conditions["first token replaced by random tokens"]["first_tokens"] != [0, 0, 0]
+    draws = conditions["first token replaced by random tokens"]["draws"]["draws"]
+    assert len(draws) == 5 and len({tuple(d["first_tokens"]) for d in draws}) == 5
+    keys = [d["interventions"][0]["position"] for d in conditions["control: random early key masked"]["draws"]["draws"]]
+    assert len(set(keys)) == 5 and all(1 <= k <= 15 for k in keys)
+    assert "most damaging of 5 draws" in printed
+    # The mean first token is patched from layer 1 on; the every-layer patch is its own condition.
+    assert conditions["first-token residual, mean of inputs"]["interventions"][0]["layers"] == list(range(1, 30))
+    assert conditions["first-token residual, mean of inputs, embedding too"]["interventions"][0]["layers"] is None
+    gradient = conditions["constant slot (gradient)"]["interventions"][0]["fit_log"]
+    assert gradient["n_train"] == 1 and gradient["n_validation"] == 1 and gradient["max_steps"] == 3
     report = (out / "report.md").read_text()
     verdict = results["verdicts"][0]["verdict"]
     assert f"### implicit-bias: **{verdict}**" in report
@@ -74,8 +83,11 @@ def test_massive_channels_and_sink_ratio(smollm2, tmp_path):
     conditions = by_name(results)
     zeroed = conditions["massive channels zeroed"]
     assert 507 in zeroed["interventions"][0]["channels"]
-    control = conditions["control: random channels zeroed"]["interventions"][0]["channels"]
-    assert 507 not in control and len(control) == len(zeroed["interventions"][0]["channels"])
+    draws = conditions["control: random channels zeroed"]["draws"]["draws"]
+    assert len(draws) == 5 and len({tuple(d["interventions"][0]["channels"]) for d in draws}) > 1
+    for draw in draws:
+        control = draw["interventions"][0]["channels"]
+        assert 507 not in control and len(control) == len(zeroed["interventions"][0]["channels"])
     # Sun et al.'s edit: once, after the first layer where the channels are massive (layer 11).
     assert zeroed["interventions"][0]["layers"] == [11]
     assert zeroed["metrics"]["loss"]["delta"]["low"] > 5.0  # +13 nats at the full size

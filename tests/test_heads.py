@@ -467,3 +467,19 @@ def test_copying_evidence_marks_the_top_heads(tiny):
     assert {"ov_eigen", "ov_top1", "dla_induction"} <= set(frame.columns) and "dla_needle" not in frame
     assert {r["role"] for r in frame.attrs["by_role"]} == {"induction", "recall", "induction+recall", "other"}
     assert frame["dla_induction"].notna().all()
+
+
+def test_random_head_sets_are_layer_matched():
+    import random as stdlib_random
+
+    from sinkinterp.heads import _layer_matched
+
+    reference = [(17, 3), (17, 4), (18, 6), (23, 2)]
+    pool = [(l, h) for l in range(30) for h in range(9) if (l, h) not in reference]
+    for seed in range(20):
+        drawn = _layer_matched(pool, reference, stdlib_random.Random(seed))
+        assert sorted(l for l, _ in drawn) == [17, 17, 18, 23] and len(set(drawn)) == 4
+    # A layer with too few other heads lends from the nearest one.
+    crowded = [(0, 0), (0, 1), (1, 0), (3, 0)]
+    drawn = _layer_matched(crowded, [(0, 5), (0, 6), (0, 7)], stdlib_random.Random(0))
+    assert sorted(drawn) == [(0, 0), (0, 1), (1, 0)]
