@@ -76,6 +76,10 @@ def resolve_token(model, token: FirstToken) -> int:
     if vocab_id is not None:
         return int(vocab_id)
     ids = tokenizer.encode(token, add_special_tokens=False)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None and ids == [unk]:
+        raise SinkInterpError(f"first token {token!r} is not in the vocabulary: it encodes to the unknown token "
+                              f"{tokenizer.unk_token!r} (id {unk}); pass a vocabulary entry or a token id")
     if len(ids) != 1:
         raise SinkInterpError(
             f"first token {token!r} is not a single token: it encodes to {len(ids)} tokens {ids}; "
@@ -363,10 +367,14 @@ class NeedlePrompts:
         tokens, n = self.tokens, self.tokens.shape[0] if isinstance(self.tokens, Tensor) else 0
         if not isinstance(tokens, Tensor) or tokens.ndim != 2 or n == 0:
             raise SinkInterpError("NeedlePrompts.tokens must be a non-empty 2-D tensor [n_prompts, pos]")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise SinkInterpError(f"NeedlePrompts.tokens must hold token ids (int64 or int32), got dtype {tokens.dtype}")
+        if isinstance(self.prompt_len, bool) or not isinstance(self.prompt_len, int) or self.prompt_len < 1:
+            raise SinkInterpError(f"NeedlePrompts.prompt_len must be an integer >= 1, got {self.prompt_len!r}")
         for label in ("needle_start", "needle_len"):
             value = getattr(self, label)
-            if not isinstance(value, Tensor) or value.shape != (n,):
-                raise SinkInterpError(f"NeedlePrompts.{label} must be a tensor of shape ({n},)")
+            if not isinstance(value, Tensor) or value.shape != (n,) or value.dtype.is_floating_point:
+                raise SinkInterpError(f"NeedlePrompts.{label} must be an integer tensor of shape ({n},)")
         if bool((self.needle_len < 1).any()) or bool((self.needle_start < 0).any()):
             raise SinkInterpError("NeedlePrompts: every needle needs a start >= 0 and at least one token")
         end = self.needle_start + self.needle_len
@@ -472,6 +480,14 @@ def needle_prompts(
     if isinstance(context_len, bool) or not isinstance(context_len, int) or context_len < 2:
         raise SinkInterpError(f"context_len must be an integer >= 2, got {context_len!r}")
     depths = _check_depths(depths)
+    if not isinstance(request, str) or "{name}" not in request:
+        raise SinkInterpError(f"request must be a string with a {{name}} field (the needle's name is asked for), "
+                              f"got {request!r}")
+    try:
+        request.format(name="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise SinkInterpError(f"request {request!r} has a field other than {{name}} or a stray brace ({e}); "
+                              "write literal braces as {{ and }}") from None
     if text is None:
         text = corpus_text()
     corpus = _text_ids(model, text)

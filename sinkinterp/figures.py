@@ -185,6 +185,8 @@ def plot_qkv_norms(geometry: pd.DataFrame, *, title: str = ""):
     """Key and value norms at the sink against the mean over other positions, per layer (mean
     over heads as lines, every head as dots), with the query norm for scale, from
     :func:`qkv_geometry`."""
+    if not isinstance(geometry, pd.DataFrame):
+        raise SinkInterpError(f"plot_qkv_norms takes the DataFrame qkv_geometry returns, got {type(geometry).__name__}")
     needed = {"layer", "head", "q_norm", "k_sink_norm", "k_other_norm", "v_sink_norm", "v_other_norm"}
     missing = needed - set(geometry.columns)
     if missing:
@@ -230,10 +232,17 @@ def effects_frame(effects) -> pd.DataFrame:
             f"got {type(effects).__name__}"
         )
     rows = []
-    for condition in effects["conditions"]:
-        for metric, values in condition.get("metrics", {}).items():
-            delta = values["delta"]
-            rows.append((condition["name"], metric, delta["value"], delta["low"], delta["high"]))
+    for i, condition in enumerate(effects["conditions"] if isinstance(effects["conditions"], list) else [None]):
+        try:
+            for metric, values in condition.get("metrics", {}).items():
+                delta = values["delta"]
+                rows.append((condition["name"], metric, float(delta["value"]), float(delta["low"]),
+                             float(delta["high"])))
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            raise SinkInterpError(
+                f"results['conditions'][{i}] is not a condition record as run_experiment writes it (name, "
+                f"metrics.<metric>.delta.value/low/high): {type(e).__name__} {e}"
+            ) from None
     return pd.DataFrame(rows, columns=_EFFECT_COLUMNS)
 
 

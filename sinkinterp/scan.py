@@ -162,6 +162,9 @@ def scan(
     eps = check_eps(eps)
     check_tokens(model, tokens)
     check_int("min_queries", min_queries, 1)
+    if token_spec is not None and not isinstance(token_spec, dict):
+        raise SinkInterpError(f"token_spec is a dict recording how the tokens were made (it goes into the "
+                              f"results), or None, got {token_spec!r}")
     sinks = _SinkReducer(model, tokens.shape[1], eps, min_queries)
     massive = _massive_reducer(model, min_abs, min_ratio)
     profile = _ProfileReducer(model, k=3)

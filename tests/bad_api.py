@@ -11,10 +11,10 @@ import torch
 from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, EditMassiveChannels, MaskSinkKey,
                         PatchFirstTokenResidual, ReplaceSinkKey, SinkInterpError, fit_constant_bias, intervene,
                         qk_massive_values, sink_scores)
-from sinkinterp.data import corpus_tokens, random_tokens, repeated_random_tokens
+from sinkinterp.data import NeedlePrompts, corpus_tokens, needle_prompts, random_tokens, repeated_random_tokens
 from sinkinterp.experiments import load_spec
 from sinkinterp.experiments.stats import bootstrap_mean, bootstrap_statistic, recovery_fraction
-from sinkinterp.figures import figure_png, plot_head_classes, save_figures
+from sinkinterp.figures import effects_frame, figure_png, plot_head_classes, plot_qkv_norms, save_figures
 from sinkinterp.metrics import find_massive_activations, residual_profile, stable_massive_channels
 from sinkinterp.heads import RepeatedTokens, classify_heads, head_scores
 from sinkinterp.interventions import Intervention
@@ -113,6 +113,22 @@ CASES = [
     ("sink_channels layer string", lambda m, t: residual_profile(m, t).sink_channels(layer="0"), r"layer must be an integer"),
     ("sink_channels n", lambda m, t: residual_profile(m, t).sink_channels(n=0), r"n must be an integer >= 1, got 0"),
     ("plot_head_classes no scores", lambda m, t: plot_head_classes(_head_table(), scores=()), r"none of the scores to plot"),
+    ("effects_frame malformed", lambda m, t: effects_frame({"spec": {}, "conditions": [{"name": "x", "metrics": {"loss": {}}}]}),
+     r"results\['conditions'\]\[0\] is not a condition record as run_experiment writes it"),
+    ("effects_frame conditions string", lambda m, t: effects_frame({"spec": {}, "conditions": "abc"}),
+     r"results\['conditions'\]\[0\] is not a condition record"),
+    ("plot_qkv_norms string", lambda m, t: plot_qkv_norms("frame"), r"plot_qkv_norms takes the DataFrame qkv_geometry returns, got str"),
+    ("scan token_spec string", lambda m, t: scan(m, t, token_spec="x"), r"token_spec is a dict recording how the tokens were made"),
+    ("NeedlePrompts prompt_len string", lambda m, t: NeedlePrompts(t, "a", torch.zeros(len(t), dtype=torch.long), torch.ones(len(t), dtype=torch.long)),
+     r"NeedlePrompts.prompt_len must be an integer >= 1, got 'a'"),
+    ("NeedlePrompts float tokens", lambda m, t: NeedlePrompts(t.float(), 4, torch.zeros(len(t), dtype=torch.long), torch.ones(len(t), dtype=torch.long)),
+     r"NeedlePrompts.tokens must hold token ids \(int64 or int32\), got dtype torch.float32"),
+    ("NeedlePrompts float starts", lambda m, t: NeedlePrompts(t, 4, torch.zeros(len(t)), torch.ones(len(t), dtype=torch.long)),
+     r"NeedlePrompts.needle_start must be an integer tensor of shape"),
+    ("needle request without name", lambda m, t: needle_prompts(m, 1, 64, request="Repeat it:"),
+     r"request must be a string with a \{name\} field"),
+    ("needle request stray field", lambda m, t: needle_prompts(m, 1, 64, request="{name} and {city}"),
+     r"request '\{name\} and \{city\}' has a field other than \{name\} or a stray brace"),
     ("figure_png dpi 0", lambda m, t: figure_png(None, dpi=0), r"dpi must be a number in 10..1200, got 0"),
     ("tiny n_layers 0", lambda m, t: tiny_llama(n_layers=0), r"n_layers must be an integer >= 1, got 0"),
     ("tiny heads not a multiple", lambda m, t: tiny_llama(n_heads=5), r"n_heads 5 is not a multiple of n_key_value_heads 2"),
