@@ -42,8 +42,8 @@ from sinkinterp.models import model_info
 
 # Per model: overrides that make the built-in specs fit its vocabulary.
 SPEC_OVERRIDES = {
-    "gemma-3-270m": {"implicit-bias": {"conditions.6.first_token": "<eos>",
-                                       "conditions.6.name": "first token replaced by <eos>"}},
+    "gemma-3-270m": {"implicit-bias": {"conditions.7.first_token": "<eos>",
+                                       "conditions.7.name": "first token replaced by <eos>"}},
 }
 
 
