@@ -130,6 +130,12 @@ def _first_id(model, first_token: FirstToken) -> int | None:
 SAMPLING = ("windows", "consecutive")
 
 
+def describe_sampling(record: dict) -> str:
+    """How corpus tokens were drawn, from a record with ``sampling`` (and ``seed``): for summaries."""
+    return {"windows": f"seeded windows (seed {record.get('seed')})",
+            "consecutive": "consecutive chunks from the start"}.get(record.get("sampling"), "")
+
+
 def corpus_documents() -> list[str]:
     """The offline corpus as documents without repeats, sorted by topic name.
 

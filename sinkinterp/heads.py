@@ -118,6 +118,14 @@ class RepeatedTokens:
     def second_half(self) -> Int[Tensor, " n"]:
         return torch.arange(self.offset + self.half_len, self.offset + 2 * self.half_len)
 
+    def induction_steps(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat (row, query, target) of the induction steps: second-half queries that have seen the
+        current token before, predicting the token that followed it the first time."""
+        second = self.second_half()[:-1]
+        rows = torch.arange(self.tokens.shape[0]).repeat_interleave(len(second))
+        queries = second.repeat(self.tokens.shape[0])
+        return rows, queries, queries + 1
+
 
 def _repeated(model, n_seqs: int, half_len: int, seed: int) -> RepeatedTokens:
     """Repeated random tokens after the model's own first token, if it has one (BOS for Gemma-3)."""
@@ -775,21 +783,15 @@ def _unembed(model) -> Tensor:
 
 
 def _check_heads(model, heads) -> list[tuple[int, int]]:
+    """Every head for None, else the (layer, head) pairs checked against the model."""
+    from sinkinterp.interventions import _head_pairs, _pairs
+
     if heads is None:
         return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-    if not isinstance(heads, (list, tuple)) or not heads:
-        raise SinkInterpError(f"heads must be a non-empty list of (layer, head) pairs or None for all, got {heads!r}")
-    chosen = []
-    for pair in heads:
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or any(isinstance(x, bool) or not isinstance(x, int) for x in pair)):
-            raise SinkInterpError(f"heads must be (layer, head) pairs of integers, got {pair!r}")
-        layer, head = pair
-        if not (0 <= layer < model.cfg.n_layers and 0 <= head < model.cfg.n_heads):
-            raise SinkInterpError(f"head {tuple(pair)} out of range: layers 0..{model.cfg.n_layers - 1}, "
-                                  f"heads 0..{model.cfg.n_heads - 1}")
-        chosen.append((layer, head))
-    return chosen
+    pairs = _pairs("heads", heads)
+    if not pairs:
+        raise SinkInterpError("heads is empty: name at least one (layer, head) pair, or None for all")
+    return _head_pairs(model, pairs)
 
 
 def ov_copying_scores(model, heads=None, *, n_tokens: int = 200, seed: int = 0) -> pd.DataFrame:
@@ -885,43 +887,39 @@ def copying_evidence(model, table: pd.DataFrame | None = None, *, k: int = 5, se
     """
     check_int("k", k, 1)
     check_seed(seed)
+    check_int("n_prompts", n_prompts, 0)
+    top: dict[str, set] = {"induction": set(), "recall": set()}
+    if table is not None:  # checked before any forward pass
+        if not isinstance(table, pd.DataFrame):
+            raise SinkInterpError(f"table must be the DataFrame from classify_heads or None, got {type(table).__name__}")
+        for label in ("recall", "induction"):
+            if label not in table.columns:
+                raise SinkInterpError(f"the table has no {label!r} score: classify with that scorer first")
+        top = {label: set(top_heads(table, label, k)) for label in top}
     frame = ov_copying_scores(model, n_tokens=n_tokens, seed=seed)
     eval_seed = seed + 1000
-    repeated = _repeated(model, n_seqs, half_len, eval_seed)
-    second = repeated.second_half()[:-1]
-    r = torch.arange(n_seqs).repeat_interleave(len(second))
-    q = second.repeat(n_seqs)
-    induction = logit_attribution(model, repeated.tokens, r, q, q + 1, batch_size=batch_size)
-    check_int("n_prompts", n_prompts, 0)
 
     def per_head(values: Tensor, step_rows: Tensor, n: int) -> list[float]:
+        """Mean over steps within each sequence, then over sequences, per (layer, head) row of frame."""
         sums = torch.zeros(n, *values.shape[1:]).index_add_(0, step_rows, values)
         means = sums / torch.bincount(step_rows, minlength=n).clamp(min=1)[:, None, None]
         return [float(means[:, l, h].mean()) for l, h in zip(frame["layer"], frame["head"])]
 
-    frame["dla_induction"] = per_head(induction, r, n_seqs)
+    repeated = _repeated(model, n_seqs, half_len, eval_seed)
+    steps = repeated.induction_steps()
+    frame["dla_induction"] = per_head(logit_attribution(model, repeated.tokens, *steps, batch_size=batch_size),
+                                      steps[0], n_seqs)
     data: dict[str, Any] = {"repeated": {"n_seqs": n_seqs, "half_len": half_len, "seed": eval_seed}}
     columns = ["ov_eigen", "ov_top1", "dla_induction"]
     if n_prompts:
         needle = needle_prompts(model, n_prompts, context_len, seed=eval_seed)
-        rows, queries, targets = needle.answer_steps()
-        recall = logit_attribution(model, needle.tokens, rows, queries, targets, batch_size=batch_size)
-        frame["dla_needle"] = per_head(recall, rows, n_prompts)
+        steps = needle.answer_steps()
+        frame["dla_needle"] = per_head(logit_attribution(model, needle.tokens, *steps, batch_size=batch_size),
+                                       steps[0], n_prompts)
         data["needle"] = needle.to_dict()
         columns.append("dla_needle")
-    frame["role"] = "other"
-    if table is not None:
-        if not isinstance(table, pd.DataFrame):
-            raise SinkInterpError(f"table must be the DataFrame from classify_heads or None, got {type(table).__name__}")
-        index = {(int(l), int(h)): i for i, (l, h) in enumerate(zip(frame["layer"], frame["head"]))}
-        for label in ("recall", "induction"):
-            if label not in table.columns:
-                raise SinkInterpError(f"the table has no {label!r} score: classify with that scorer first")
-        top = {"induction": set(top_heads(table, "induction", k)), "recall": set(top_heads(table, "recall", k))}
-        for pair, i in index.items():
-            roles = [name for name in ("induction", "recall") if pair in top[name]]
-            if roles:
-                frame.loc[i, "role"] = "+".join(roles)
+    frame["role"] = ["+".join(label for label in ("induction", "recall") if (int(l), int(h)) in top[label]) or "other"
+                     for l, h in zip(frame["layer"], frame["head"])]
     frame.attrs.update(
         k=k, seed=seed, n_tokens=n_tokens, data=data,
         by_role=frame.groupby("role")[columns].median().reset_index().to_dict(orient="records"),
@@ -968,13 +966,7 @@ def _task_metrics(model, needle: NeedlePrompts, repeated: RepeatedTokens, interv
     rows, queries, targets = needle.answer_steps()
     out = _step_metrics(model, needle.tokens, rows, queries, targets, interventions=interventions,
                         batch_size=batch_size)
-    # Induction steps: second-half queries that have seen the current token before, predicting
-    # the token that followed it the first time.
-    second = repeated.second_half()[:-1]
-    n_seqs = repeated.tokens.shape[0]
-    r = torch.arange(n_seqs).repeat_interleave(len(second))
-    q = second.repeat(n_seqs)
-    induction = _step_metrics(model, repeated.tokens, r, q, q + 1, interventions=interventions,
+    induction = _step_metrics(model, repeated.tokens, *repeated.induction_steps(), interventions=interventions,
                               batch_size=batch_size)
     return {"needle_loss": out["loss"], "needle_accuracy": out["accuracy"], "induction_loss": induction["loss"]}
 

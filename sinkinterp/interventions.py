@@ -1115,6 +1115,7 @@ def _fit_by_gradient(model, tokens, validation, layers, heads, logit, value, pos
     def snapshot():
         return logit.detach().cpu().clone(), None if value is None else value.detach().cpu().clone()
 
+    trained: list[float] = []  # this fit's steps (``history`` may already hold a caller's)
     validated: list[float] = []
     try:
         hooks = _bias_hooks(model, layers, heads, logit, value, True, position, from_query)
@@ -1128,30 +1129,45 @@ def _fit_by_gradient(model, tokens, validation, layers, heads, logit, value, pos
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            history.append(float(loss.detach()))
+            trained.append(float(loss.detach()))
+            history.append(trained[-1])
             if validation is None:
-                best, best_step = snapshot(), step + 1
-                bar.set_postfix(loss=f"{history[-1]:.4f}")
+                bar.set_postfix(loss=f"{trained[-1]:.4f}")
                 continue
             validated.append(validation_loss())
             if validated[-1] < validated[best_step]:
                 best, best_step = snapshot(), step + 1
-            bar.set_postfix(loss=f"{history[-1]:.4f}", validation=f"{validated[-1]:.4f}")
+            bar.set_postfix(loss=f"{trained[-1]:.4f}", validation=f"{validated[-1]:.4f}")
             if step + 1 - best_step >= patience:
                 break
+        if validation is None:  # no split to choose by: the last step
+            best, best_step = snapshot(), len(trained)
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    log = {"steps_run": len(history), "max_steps": steps, "kept_step": best_step, "train_loss": list(history),
+    log = {"steps_run": len(trained), "max_steps": steps, "kept_step": best_step, "train_loss": trained,
            "n_train": int(tokens.shape[0]),
            "n_validation": 0 if validation is None else int(validation.shape[0]),
            "validation_loss": validated, "patience": patience if validation is not None else None,
-           "stopped_early": validation is not None and len(history) < steps}
+           "stopped_early": validation is not None and len(trained) < steps}
     return best[0], best[1], log
 
 
 # --------------------------------------------------------------------------------------------
 # 7. Ablate whole heads (for validating head classes)
+
+
+def _pairs(label: str, heads) -> tuple[tuple[int, int], ...]:
+    """``heads`` as a tuple of integer (layer, head) pairs, none repeated (not checked against a model)."""
+    pairs = []
+    for pair in heads if isinstance(heads, (list, tuple)) else [heads]:
+        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
+            raise SinkInterpError(f"{label} must be integer (layer, head) pairs, got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    if len(set(pairs)) != len(pairs):
+        raise SinkInterpError(f"{label} {heads!r} repeats a head")
+    return tuple(pairs)
 
 
 def _head_pairs(model, pairs) -> list[tuple[int, int]]:
@@ -1185,16 +1201,9 @@ class AblateHeads(Intervention):
 
     def __post_init__(self):
         _check_mode("AblateHeads", self.mode, self.MODES)
-        pairs = []
-        for pair in self.heads if isinstance(self.heads, (list, tuple)) else [self.heads]:
-            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                    or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
-                raise SinkInterpError(f"AblateHeads heads must be integer (layer, head) pairs, got {pair!r}")
-            pairs.append((pair[0], pair[1]))
+        pairs = _pairs("AblateHeads heads", self.heads)
         _refuse_empty(self, "heads", pairs, "name at least one (layer, head) pair")
-        if len(set(pairs)) != len(pairs):
-            raise SinkInterpError(f"AblateHeads heads {self.heads!r} repeats a head")
-        object.__setattr__(self, "heads", tuple(pairs))
+        object.__setattr__(self, "heads", pairs)
         check_int("from_query", self.from_query)
         object.__setattr__(self, "value", _frozen(self, "value"))
         if self.mode == "zero" and self.value is not None:

@@ -14,6 +14,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from sinkinterp._batches import check_eps, check_int, check_tokens, stream
+from sinkinterp.data import describe_sampling
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.metrics import (
     ResidualProfile,
@@ -93,10 +94,9 @@ class ScanResult:
         lines = []
         t = self.tokens
         if t:
-            how = {"windows": f"seeded windows (seed {t.get('seed')}) ",
-                   "consecutive": "consecutive chunks from the start "}.get(t.get("sampling"), "")
+            how = describe_sampling(t)
             lines.append(
-                f"scan of {t['n_seqs']} sequences x {t['seq_len']} tokens, {how}from {t['source']} "
+                f"scan of {t['n_seqs']} sequences x {t['seq_len']} tokens, {how + ' ' if how else ''}from {t['source']} "
                 f"(first token: {t.get('first_token_resolved', t['first_token'])}"
                 f"{', the model default' if t['first_token'] == 'default' else ''})"
             )

@@ -314,8 +314,10 @@ def test_gradient_fit_keeps_the_step_with_the_lowest_validation_loss(llama):
     moments = fit_constant_bias(llama, tokens, from_query=4)
     assert loss(moments, validation) == pytest.approx(curve[0], abs=1e-5)
     # Without a validation split the last step is kept, and the log says there was none.
-    plain = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=5, lr=0.1)
+    earlier = [9.0, 9.0]  # a caller's list that already holds losses: the log counts this fit's steps only
+    plain = fit_constant_bias(llama, tokens, from_query=4, method="gradient", steps=5, lr=0.1, history=earlier)
     assert plain.fit_log["kept_step"] == 5 and plain.fit_log["n_validation"] == 0
+    assert plain.fit_log["steps_run"] == 5 and earlier[2:] == plain.fit_log["train_loss"] and len(earlier) == 7
     assert plain.fit_log["validation_loss"] == [] and not plain.fit_log["stopped_early"]
     # The log survives a round trip and does not take part in equality.
     again = Intervention.from_dict(json.loads(json.dumps(fitted.to_dict())))

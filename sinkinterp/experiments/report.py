@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from sinkinterp._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from sinkinterp.data import describe_sampling
 from sinkinterp.experiments.spec import CRITERION_KINDS, Criterion, ExperimentSpec
 from sinkinterp.experiments.stats import Estimate, bootstrap_statistic
 
@@ -275,8 +276,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"TransformerLens {model.get('source', {}).get('transformer_lens', '?')}",
         f"- data: {prov['data'].get('corpus') or data['source']}: {data['n_calibration']} calibration + "
         f"{data['n_seqs']} evaluation sequences of {data['seq_len']} tokens"
-        + {"windows": f" (seeded windows within documents, seed {data.get('seed')}, none overlapping)",
-           "consecutive": " (consecutive chunks from the start of the text)"}.get(prov["data"].get("sampling"), "")
+        + (f", {how}" if (how := describe_sampling(prov["data"])) else "")
         + "; first token policy "
         f"`{data['first_token']}`"
         + (f" (the model's: `{resolved}`)" if (resolved := prov.get("bos_policy", {}).get("first_token_resolved",

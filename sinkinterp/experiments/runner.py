@@ -477,45 +477,35 @@ def _show_progress() -> bool:
 
 
 def _run_condition(run: Prepared, condition: ConditionSpec, progress: bool) -> dict[str, Any]:
-    if condition.draws > 1:
-        return _run_draws(run, condition)
     spec, model = run.spec, run.model
-    interventions = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
-    record: dict[str, Any] = {
-        "name": condition.name,
-        "interventions": [iv.to_dict() for iv in interventions],
-    }
     if condition.sweep is not None:
+        interventions = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
         variants, results = run.evaluator.sweep(interventions, condition.sweep, progress)
-        record["sweep"] = [{**v.label, "per_sequence": _lists(r)} for v, r in zip(variants, results)]
-        return record
-    first_token = None
-    if condition.first_token is not None:
-        first_token = _first_tokens(model, condition.first_token, run.evaluation.shape[0], spec.seed)
-        record["first_tokens"] = first_token.tolist()
-    record["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
-    return record
-
-
-def _run_draws(run: Prepared, condition: ConditionSpec) -> dict[str, Any]:
-    """Each draw of a random condition evaluated in full; the condition's own per-sequence values
-    are the mean over draws, and every draw is kept (the report shows their distribution)."""
-    spec, model = run.spec, run.model
-    draws = []
-    for draw in range(condition.draws):
-        interventions = [_fit(model, record, run.calibration, spec.seed, draw, condition.draws)
-                         for record in condition.interventions]
-        entry: dict[str, Any] = {"draw": draw, "interventions": [iv.to_dict() for iv in interventions]}
-        first_token = None
-        if condition.first_token is not None:
-            first_token = _first_tokens(model, condition.first_token, run.evaluation.shape[0], spec.seed + draw)
-            entry["first_tokens"] = first_token.tolist()
-        entry["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
-        draws.append(entry)
+        return {"name": condition.name, "interventions": [iv.to_dict() for iv in interventions],
+                "sweep": [{**v.label, "per_sequence": _lists(r)} for v, r in zip(variants, results)]}
+    draws = [_run_draw(run, condition, draw) for draw in range(condition.draws)]
+    if condition.draws == 1:
+        return {"name": condition.name, **draws[0]}
+    # Several draws of a random condition: its own per-sequence values are the mean over draws,
+    # and every draw is kept (the report shows their distribution).
     mean = {key: torch.tensor([d["per_sequence"][key] for d in draws], dtype=torch.float64).mean(dim=0).tolist()
             for key in draws[0]["per_sequence"]}
-    return {"name": condition.name, "interventions": draws[0]["interventions"], "draws": draws,
-            "per_sequence": mean}
+    return {"name": condition.name, "interventions": draws[0]["interventions"],
+            "draws": [{"draw": i, **d} for i, d in enumerate(draws)], "per_sequence": mean}
+
+
+def _run_draw(run: Prepared, condition: ConditionSpec, draw: int) -> dict[str, Any]:
+    """One full evaluation of the condition, its random choices being draw ``draw`` of ``condition.draws``."""
+    spec, model = run.spec, run.model
+    interventions = [_fit(model, record, run.calibration, spec.seed, draw, condition.draws)
+                     for record in condition.interventions]
+    entry: dict[str, Any] = {"interventions": [iv.to_dict() for iv in interventions]}
+    first_token = None
+    if condition.first_token is not None:
+        first_token = _first_tokens(model, condition.first_token, run.evaluation.shape[0], spec.seed + draw)
+        entry["first_tokens"] = first_token.tolist()
+    entry["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
+    return entry
 
 
 def _first_tokens(model, token, n: int, seed: int) -> Tensor:
