@@ -24,7 +24,7 @@ import torch
 
 from sinkinterp import load_model
 from sinkinterp.data import corpus_tokens
-from sinkinterp.metrics import sink_scores
+from sinkinterp.measure import sink_scores
 
 MEMORY_TARGET = 0.20
 TIME_TARGET = 1.2

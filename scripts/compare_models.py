@@ -36,7 +36,7 @@ from sinkinterp import (
 from sinkinterp._io import atomic_write_json
 from sinkinterp.data import corpus_tokens, default_first_token
 from sinkinterp.experiments import load_spec, run_experiment
-from sinkinterp.experiments.stats import bootstrap_statistic
+from sinkinterp.stats import bootstrap_statistic
 from sinkinterp.heads import top_heads
 from sinkinterp.models import model_info
 

@@ -14,7 +14,8 @@ import time
 
 import sinkinterp
 from sinkinterp._io import atomic_write_json
-from sinkinterp.heads import DEFAULT_THRESHOLDS, MIN_NON_SINK_MASS, _labels, classify_heads
+from sinkinterp.heads import DEFAULT_THRESHOLDS, MIN_NON_SINK_MASS, classify_heads
+from sinkinterp.heads.classify import _labels
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ from sinkinterp.errors import SinkInterpError
 
 _progress_bar()  # the first import of tqdm.auto, quiet: Jupyter without ipywidgets would warn in every notebook
 from sinkinterp.evaluate import Evaluation, evaluate
-from sinkinterp.experiments.stats import paired_difference, recovery_fraction
+from sinkinterp.stats import paired_difference, recovery_fraction
 from sinkinterp.heads import classify_heads, validate_heads
 from sinkinterp.interventions import (
     AblateHeads,
@@ -19,7 +19,7 @@ from sinkinterp.interventions import (
     fit_constant_bias,
     intervene,
 )
-from sinkinterp.metrics import (
+from sinkinterp.measure import (
     SinkReport,
     find_massive_activations,
     qk_massive_values,
@@ -29,7 +29,8 @@ from sinkinterp.metrics import (
     value_weighted_attention,
 )
 from sinkinterp.models import EMBEDDED_MODEL, ModelSource, load_model, model_source
-from sinkinterp.scan import ScanResult, scan
+from sinkinterp import scan as _old_scan_module  # noqa: F401  (first: see below)
+from sinkinterp.measure.scan import ScanResult, scan  # rebinds sinkinterp.scan to the function
 
 __all__ = [
     "SinkInterpError",

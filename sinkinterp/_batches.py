@@ -12,7 +12,6 @@ is the first token after the pads, which is where the sink sits (docs/design.md 
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 
 Hook = tuple[str, Callable]
@@ -82,7 +82,7 @@ class Reducer:
         raise NotImplementedError
 
 
-def check_tokens(model, tokens) -> None:
+def check_tokens(model: Model, tokens) -> None:
     """Refuse anything but a non-empty 2-D tensor of in-vocabulary ids that fits the context."""
     if not isinstance(tokens, Tensor):
         raise SinkInterpError(
@@ -114,12 +114,12 @@ def check_tokens(model, tokens) -> None:
         raise SinkInterpError(f"token id {bad} out of range: vocabulary is 0..{model.cfg.d_vocab - 1}")
 
 
-def _pad_id(model) -> int | None:
+def _pad_id(model: Model) -> int | None:
     tokenizer = getattr(model, "tokenizer", None)
     return None if tokenizer is None else tokenizer.pad_token_id
 
 
-def check_mask(model, tokens: Tensor, attention_mask) -> tuple[Tensor, Tensor]:
+def check_mask(model: Model, tokens: Tensor, attention_mask) -> tuple[Tensor, Tensor]:
     """Offsets and lengths of the real tokens per row; refuse padding without a mask."""
     n_seqs, n_pos = tokens.shape
     if attention_mask is None:
@@ -196,7 +196,7 @@ def check_seed(seed, label: str = "seed") -> int:
     return seed
 
 
-def check_hooks_exist(model, names: Iterable[str]) -> None:
+def check_hooks_exist(model: Model, names: Iterable[str]) -> None:
     missing = [name for name in names if name not in model.hook_dict]
     if missing:
         raise SinkInterpError(
@@ -230,7 +230,7 @@ def progress_bar():
 
 
 def stream(
-    model,
+    model: Model,
     tokens: Int[Tensor, "*batch pos"],
     reducers: Sequence[Reducer],
     *,

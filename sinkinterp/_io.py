@@ -11,9 +11,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from sinkinterp.errors import SinkInterpError
@@ -178,3 +179,7 @@ def check_writable_file(path: str | os.PathLike, flag: str, suffixes: tuple[str,
     if path.exists() and not os.access(path, os.W_OK):
         raise SinkInterpError(f"{flag} {str(path)!r} exists and is read-only")
     return path
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "condition"

@@ -39,6 +39,7 @@ __all__ = [
     "HOOKED_AVAILABLE",
     "DEFAULT_BACKEND",
     "TransformerLensModel",
+    "Model",
     "Capabilities",
     "hooked_transformer_class",
     "is_hooked_transformer",
@@ -88,6 +89,10 @@ class TransformerLensModel(Protocol):
     def parameters(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
+#: The type of every ``model`` parameter in sinkinterp (a short name for :class:`TransformerLensModel`).
+Model = TransformerLensModel
+
+
 @functools.cache
 def hooked_transformer_class() -> type | None:
     """``transformer_lens.HookedTransformer``, or None on TransformerLens 4.x, where it was removed."""
@@ -106,16 +111,16 @@ def _bridge_class() -> type:
     return TransformerBridge
 
 
-def is_hooked_transformer(model) -> bool:
+def is_hooked_transformer(model: Model) -> bool:
     cls = hooked_transformer_class()
     return cls is not None and isinstance(model, cls)
 
 
-def is_bridge(model) -> bool:
+def is_bridge(model: Model) -> bool:
     return isinstance(model, _bridge_class())
 
 
-def backend_of(model) -> str:
+def backend_of(model: Model) -> str:
     """``"hooked"``, ``"bridge"`` or ``"other"`` (any other object with TransformerLens hooks)."""
     if is_hooked_transformer(model):
         return "hooked"
@@ -169,20 +174,20 @@ _PROBED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn
            "hook_resid_post")
 
 
-def _device(model) -> torch.device:
+def _device(model: Model) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
 
 
-def _probe_tokens(model) -> Tensor:
+def _probe_tokens(model: Model) -> Tensor:
     # Four distinct in-vocabulary ids away from 0 (often the pad or unk token).
     n_vocab = model.cfg.d_vocab
     return (torch.arange(4) * 7 + 3).remainder(n_vocab)[None].to(_device(model))
 
 
-def capabilities(model, *, refresh: bool = False) -> Capabilities:
+def capabilities(model: Model, *, refresh: bool = False) -> Capabilities:
     """Probe ``model`` once (forward passes over four tokens) and cache the answer on it."""
     cached = getattr(model, _CAPABILITIES_ATTR, None)
     if cached is not None and not refresh:
@@ -192,14 +197,14 @@ def capabilities(model, *, refresh: bool = False) -> Capabilities:
     return caps
 
 
-def _probe(model) -> Capabilities:
+def _probe(model: Model) -> Capabilities:
     # The probe edits hook points on purpose; TransformerLens 4 warns when an edit is discarded.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _probe_quietly(model)
 
 
-def _probe_quietly(model) -> Capabilities:
+def _probe_quietly(model: Model) -> Capabilities:
     n_layers = model.cfg.n_layers
     tokens = _probe_tokens(model)
     names = {f"blocks.{layer}.{suffix}": (layer, suffix) for layer in range(n_layers) for suffix in _PROBED
@@ -284,7 +289,7 @@ _EDITS: dict[str, tuple[Any, str | None, Any]] = {
 }
 
 
-def _edit_reaches(model, tokens: Tensor, clean: Tensor, suffix: str, fired) -> bool:
+def _edit_reaches(model: Model, tokens: Tensor, clean: Tensor, suffix: str, fired) -> bool:
     """Whether the probe edit at ``blocks.0.{suffix}`` shows where it must and changes the logits."""
     edit, observed, check = _EDITS[suffix]
     if observed is not None and observed not in fired:
@@ -314,7 +319,7 @@ def _edit_reaches(model, tokens: Tensor, clean: Tensor, suffix: str, fired) -> b
     return observed is None or ("x" in kept and check(kept["x"], clean_seen["x"]))
 
 
-def _probe_start_at_layer(model, tokens: Tensor, clean: Tensor, fired) -> tuple[bool, bool]:
+def _probe_start_at_layer(model: Model, tokens: Tensor, clean: Tensor, fired) -> tuple[bool, bool]:
     """(resumes exactly, skips the layers before). Layer n_layers // 2, from its cached resid_pre."""
     if "hook_resid_pre" not in fired or model.cfg.n_layers < 2:
         return False, False
@@ -353,7 +358,7 @@ _WHY = {
 }
 
 
-def require(model, *capabilities_needed: str, needed_by: str) -> Capabilities:
+def require(model: Model, *capabilities_needed: str, needed_by: str) -> Capabilities:
     """Refuse, with a :class:`SinkInterpError`, a model that lacks any of ``capabilities_needed``.
 
     Each is a hook suffix that must take edits (``"attn.hook_attn_scores"``, ``"attn.hook_pattern"``,
@@ -402,12 +407,12 @@ def require(model, *capabilities_needed: str, needed_by: str) -> Capabilities:
 # Which keys a query can see
 
 
-def _hf_config(model):
+def _hf_config(model: Model):
     original = getattr(model, "original_model", None)
     return getattr(original, "config", None) if original is not None else None
 
 
-def attention_windows(model) -> tuple[int | None, ...]:
+def attention_windows(model: Model) -> tuple[int | None, ...]:
     """Per layer: the sliding window w (query i sees key j iff 0 <= i - j < w), or None (global causal).
 
     Read from the HookedTransformer config (``attn_types`` / ``window_size``) or, for a bridge,
@@ -456,7 +461,7 @@ def visible(n_pos: int, window: int | None, device=None) -> Tensor:
 # Grouped-query attention, grouped or ungrouped
 
 
-def kv_layout(model, x: Tensor) -> int:
+def kv_layout(model: Model, x: Tensor) -> int:
     """How many query heads share each head of ``x`` (a ``hook_k``/``hook_v`` activation
     ``[batch, pos, head, d_head]``): ``n_heads // n_key_value_heads`` normally, 1 after
     ``model.set_ungroup_grouped_query_attention(True)``, which repeats each kv head per query head."""
@@ -476,7 +481,7 @@ def _soft_cap(logits: Tensor, cap) -> Tensor:
     return logits
 
 
-def final_logits(model, residual: Tensor) -> Tensor:
+def final_logits(model: Model, residual: Tensor) -> Tensor:
     """Final norm, unembedding and (Gemma-2) the final logit soft-cap, for a HookedTransformer's
     last residual stream. On other models use the model's own forward: it does all three."""
     if not is_hooked_transformer(model):
@@ -486,7 +491,7 @@ def final_logits(model, residual: Tensor) -> Tensor:
     return _soft_cap(model.unembed(residual), getattr(model.cfg, "output_logits_soft_cap", None))
 
 
-def resume(model, residual: Tensor, layer: int, *, tokens: Tensor, stop_at_layer: int | None = None) -> Tensor:
+def resume(model: Model, residual: Tensor, layer: int, *, tokens: Tensor, stop_at_layer: int | None = None) -> Tensor:
     """The rest of a forward pass from ``blocks.{layer}.hook_resid_pre``: logits, or the residual
     before ``stop_at_layer``. ``tokens`` are the input that produced ``residual`` (rows repeated
     to match it): a shortformer adds its positional embedding inside every attention layer, which
@@ -499,3 +504,41 @@ def resume(model, residual: Tensor, layer: int, *, tokens: Tensor, stop_at_layer
             tokens = tokens.repeat(residual.shape[0] // tokens.shape[0], 1)
         kwargs["shortformer_pos_embed"] = model.pos_embed(tokens)
     return model(residual, **kwargs)
+
+
+_BACKENDS = ("auto", "hooked", "bridge")
+
+
+def resolve_backend(backend) -> str:
+    if backend not in _BACKENDS:
+        raise SinkInterpError(f"backend {backend!r} is not supported: use one of {_BACKENDS}")
+    if backend == "auto":
+        return DEFAULT_BACKEND
+    if backend == "hooked" and not HOOKED_AVAILABLE:
+        raise SinkInterpError(
+            f"backend 'hooked' needs HookedTransformer, which TransformerLens "
+            f"{'.'.join(map(str, TL_VERSION))} no longer has (removed in 4.0): use backend='bridge' "
+            "(TransformerBridge in compatibility mode, the same hook names) or backend='auto'"
+        )
+    return backend
+
+
+def quiet_hooked():
+    """A context in which TransformerLens 3.x's deprecation notices for HookedTransformer (which
+    point at TransformerBridge, our backend='bridge') are not shown: choosing 'hooked' is explicit."""
+    context = warnings.catch_warnings()
+    context.__enter__()
+    warnings.filterwarnings("ignore", message="HookedTransformer.* is deprecated", category=DeprecationWarning)
+    return context
+
+
+def new_hooked(cfg, tokenizer):
+    """``HookedTransformer(cfg, tokenizer)`` on the CPU, without the 3.x deprecation notice."""
+    cls = hooked_transformer_class()
+    if cls is None:
+        raise SinkInterpError("HookedTransformer does not exist in TransformerLens 4: use backend='bridge'")
+    context = quiet_hooked()
+    try:
+        return cls(cfg, tokenizer, move_to_device=False)
+    finally:
+        context.__exit__(None, None, None)

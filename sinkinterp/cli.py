@@ -9,7 +9,37 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from sinkinterp._batches import check_int
+from sinkinterp._io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable_file,
+    check_writable_folder,
+)
+from sinkinterp._yaml import load_yaml
+from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
+from sinkinterp.experiments.report import format_estimate
+from sinkinterp.figures import (
+    figure_png,
+    plot_head_classes,
+    plot_intervention_effects,
+    save_figures,
+    scan_figures,
+)
+from sinkinterp.heads import (
+    classify_heads,
+    copying_evidence,
+    qk_by_label,
+    validate_heads,
+)
+from sinkinterp.interventions import Intervention, MaskSinkKey
+from sinkinterp.measure import qkv_geometry
+from sinkinterp.measure.scan import corpus_for_scan, scan
+from sinkinterp.models import load_model, model_info
+from sinkinterp.provenance import describe_model, package_versions
+from sinkinterp.views import attention_view, compare_view
 
 __all__ = ["main"]
 
@@ -30,8 +60,6 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _load_and_describe(args):
     """Load ``--model``, print its info table and load time; return the model and the info."""
-    from sinkinterp.models import load_model, model_info
-
     start = time.perf_counter()
     model = load_model(args.model, backend=args.backend)
     seconds = time.perf_counter() - start
@@ -66,7 +94,6 @@ def write_json_or_rescue(path, record: dict) -> None:
     the checks), save it in the temporary folder instead and say where, so the work is not lost."""
     import tempfile
 
-    from sinkinterp._io import atomic_write_json
 
     try:
         atomic_write_json(path, record)
@@ -90,12 +117,10 @@ def _first_token(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
-def _scan_and_print(model, args):
+def _scan_and_print(model: Model, args):
     """The scan's result and the tokens it measured (what ``scan_corpus`` does, keeping the tokens
     for the figures' geometry pass)."""
-    from sinkinterp.scan import _corpus, scan
-
-    tokens, spec = _corpus(model, args.text, args.n_seqs, args.seq_len, _first_token(args.first_token),
+    tokens, spec = corpus_for_scan(model, args.text, args.n_seqs, args.seq_len, _first_token(args.first_token),
                            seed=args.seed, sampling=args.sampling)
     result = scan(model, tokens, token_spec=spec, eps=tuple(args.eps), batch_size=args.batch_size,
                   min_abs=args.min_abs, min_ratio=args.min_ratio)
@@ -114,17 +139,12 @@ def _scan(args) -> int:
     return 0
 
 
-def _scan_figure_set(model, tokens, result, batch_size: int) -> dict:
+def _scan_figure_set(model: Model, tokens, result, batch_size: int) -> dict:
     """The scan's figures, plus q/k/v norms from a geometry pass over the same tokens."""
-    from sinkinterp.figures import scan_figures
-    from sinkinterp.metrics import qkv_geometry
-
     return scan_figures(result, qkv_geometry(model, tokens, batch_size=batch_size))
 
 
 def _write_figures(figures: dict, directory) -> None:
-    from sinkinterp.figures import save_figures
-
     for path in save_figures(figures, directory):
         print(f"wrote {path}")
 
@@ -132,10 +152,6 @@ def _write_figures(figures: dict, directory) -> None:
 def _demo(args) -> int:
     import tempfile
 
-    from sinkinterp.experiments import load_spec, run_experiment
-    from sinkinterp.figures import plot_intervention_effects
-    from sinkinterp.interventions import MaskSinkKey
-    from sinkinterp.views import attention_view, compare_view
 
     # Small enough for the demo's time budget: fewer sequences and a 10-step gradient fit. Checked
     # before the model loads, so a bad override fails at once.
@@ -194,14 +210,12 @@ def format_copying(evidence) -> str:
 
 def format_verdicts(results: dict) -> str:
     """Each hypothesis's verdict, with the criteria behind it, from a results record."""
-    from sinkinterp.experiments.report import _est
-
     lines = []
     for verdict in results["verdicts"]:
         lines.append(f"{verdict['hypothesis']}: {verdict['verdict'].upper()}")
         for r in verdict["criteria"]:
             subject = f"{r['condition']}: " if r["condition"] else ""
-            lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {_est(r['estimate'])} "
+            lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {format_estimate(r['estimate'])} "
                          f"(rule: {r['rule']}, threshold {r['threshold']:g})")
             if r.get("note"):
                 lines.append(f"               note: {r['note']}")
@@ -209,8 +223,6 @@ def format_verdicts(results: dict) -> str:
 
 
 def _override(text: str) -> tuple[str, object]:
-    from sinkinterp._yaml import load_yaml
-
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (e.g. data.seq_len=64), got {text!r}")
@@ -221,8 +233,6 @@ def _override(text: str) -> tuple[str, object]:
 
 
 def _run(args) -> int:
-    from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
-
     if args.list:
         for name, path in builtin_specs().items():
             spec = load_spec(path)
@@ -243,9 +253,6 @@ def _run(args) -> int:
     print(format_verdicts(results))
     print(f"\nwrote {out}/results.json, report.md and figures")
     if args.figures:
-        from sinkinterp._io import atomic_write_bytes
-        from sinkinterp.figures import plot_intervention_effects
-
         for path in sorted(out.glob("*.png")):  # the report's own figures, as the run wrote them
             print(f"wrote {atomic_write_bytes(Path(args.figures) / path.name, path.read_bytes())}")
         if any("metrics" in c for c in results["conditions"]):
@@ -258,7 +265,6 @@ def _show_spec(args) -> int:
     overrides (or a spec file) the resolved spec, every default filled in."""
     import yaml
 
-    from sinkinterp.experiments import builtin_specs, load_spec
 
     if args.spec is not None:
         raise SinkInterpError(f"--show takes the spec itself (--show {args.show} or --show {args.spec}), not both")
@@ -299,11 +305,6 @@ def format_heads(table, *, everything: bool = False) -> str:
 def _heads(args) -> int:
     import math
 
-    from sinkinterp._io import atomic_write_bytes
-    from sinkinterp.heads import classify_heads, qk_by_label, validate_heads
-    from sinkinterp.scan import describe_model, package_versions
-
-    from sinkinterp._batches import check_int
 
     if args.validate or args.copying:  # before the model loads and the scores run, not minutes later
         check_int("--k", args.k, 1)
@@ -348,8 +349,6 @@ def _heads(args) -> int:
         print(validation)
         record["validation"] = validation.to_dict()
     if args.copying:
-        from sinkinterp.heads import copying_evidence
-
         lens = sorted(args.context_lens)
         evidence = copying_evidence(model, table, k=args.k, seed=args.seed, n_seqs=args.n_seqs,
                                     n_prompts=args.validate_prompts, context_len=lens[len(lens) // 2],
@@ -362,7 +361,6 @@ def _heads(args) -> int:
         write_json_or_rescue(args.json, record)
     if not (figure or args.figures):
         return 0
-    from sinkinterp.figures import figure_png, plot_head_classes, plot_intervention_effects
 
     classes = plot_head_classes(table)  # drawn once for --figure and --figures
     if figure:
@@ -414,9 +412,6 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _intervention(text: str):
-    from sinkinterp._yaml import load_yaml
-    from sinkinterp.interventions import Intervention
-
     try:
         return Intervention.from_dict(load_yaml(text, "--compare (a YAML/JSON intervention record)"))
     except (SinkInterpError, TypeError) as e:
@@ -424,8 +419,6 @@ def _intervention(text: str):
 
 
 def _view(args) -> int:
-    from sinkinterp.views import attention_view, compare_view
-
     model, _ = _load_and_describe(args)
     options = dict(layers=args.layers, heads=args.heads, hide_sink=args.hide_sink, max_tokens=args.max_tokens,
                    title=args.title or f"sinkinterp: {args.prompt[:60]}")
@@ -587,8 +580,6 @@ def _check_text_args(argv: list[str]) -> None:
 
 def check_outputs(args) -> None:
     """Refuse unwritable outputs before the model loads and the work starts, not after."""
-    from sinkinterp._io import check_writable_file, check_writable_folder
-
     for attr, flag, kind, suffixes in OUTPUTS.get(args.command, []):
         value = getattr(args, attr, None)
         if value is None:

@@ -22,7 +22,9 @@ from jaxtyping import Int
 from torch import Tensor
 
 from sinkinterp._batches import check_seed
+from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.models import model_source
 
 __all__ = [
     "default_first_token",
@@ -48,7 +50,7 @@ def corpus_text() -> str:
     return "\n\n".join(topics[name].strip() for name in sorted(topics))
 
 
-def _tokenizer(model):
+def _tokenizer(model: Model):
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise SinkInterpError(
@@ -58,7 +60,7 @@ def _tokenizer(model):
     return tokenizer
 
 
-def resolve_token(model, token: FirstToken) -> int:
+def resolve_token(model: Model, token: FirstToken) -> int:
     """The id of ``token``: ``"bos"``, an exact vocabulary entry, text that is one token, or an id."""
     d_vocab = model.cfg.d_vocab
     if isinstance(token, int) and not isinstance(token, bool):
@@ -88,7 +90,7 @@ def resolve_token(model, token: FirstToken) -> int:
     return int(ids[0])
 
 
-def _check_counts(n_seqs: int, seq_len: int, model, *, min_len: int = 1) -> None:
+def _check_counts(n_seqs: int, seq_len: int, model: Model, *, min_len: int = 1) -> None:
     for label, value, low in (("n_seqs", n_seqs, 1), ("seq_len", seq_len, min_len)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise SinkInterpError(f"{label} must be an integer >= {low}, got {value!r}")
@@ -105,11 +107,9 @@ def _with_first(tokens: Tensor, first_id: int | None) -> Tensor:
     return torch.cat([first, tokens], dim=1)
 
 
-def default_first_token(model) -> str:
+def default_first_token(model: Model) -> str:
     """The model's own BOS convention: ``"bos"`` if its tokenizer prepends BOS (Gemma-3), else
     ``"none"`` (SmolLM2, tiny test models). What ``first_token="default"`` resolves to."""
-    from sinkinterp.models import model_source
-
     try:
         prepend = model_source(model).prepend_bos
     except SinkInterpError:  # a model built elsewhere: TransformerLens's own setting
@@ -117,12 +117,12 @@ def default_first_token(model) -> str:
     return "bos" if prepend else "none"
 
 
-def resolve_first_token(model, first_token: FirstToken) -> FirstToken:
+def resolve_first_token(model: Model, first_token: FirstToken) -> FirstToken:
     """``first_token`` with ``"default"`` replaced by the model's convention (see :func:`default_first_token`)."""
     return default_first_token(model) if first_token == "default" else first_token
 
 
-def _first_id(model, first_token: FirstToken) -> int | None:
+def _first_id(model: Model, first_token: FirstToken) -> int | None:
     first_token = resolve_first_token(model, first_token)
     return None if first_token == "none" else resolve_token(model, first_token)
 
@@ -168,7 +168,7 @@ def _deduplicated_topics() -> tuple[str, ...]:
 
 
 def corpus_tokens(
-    model,
+    model: Model,
     n_seqs: int,
     seq_len: int,
     *,
@@ -206,7 +206,7 @@ def corpus_tokens(
     documents = _documents(text)
     n_text = seq_len - (first_id is not None)
     if sampling == "consecutive":
-        ids = _text_ids(model, corpus_text() if text is None else "\n\n".join(documents))
+        ids = text_ids(model, corpus_text() if text is None else "\n\n".join(documents))
         needed = n_seqs * n_text
         if len(ids) < needed:
             raise SinkInterpError(
@@ -219,7 +219,7 @@ def corpus_tokens(
     rng = random.Random(seed)
     windows: list[list[int]] = []
     for document in documents:
-        ids = _text_ids(model, document)
+        ids = text_ids(model, document)
         n_windows = len(ids) // n_text
         if n_windows == 0:
             continue
@@ -250,7 +250,7 @@ def _documents(text) -> list[str]:
                           f"got {type(text).__name__}")
 
 
-def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str | None = None,
+def corpus_windows(model: Model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str | None = None,
                    first_token: FirstToken = "default") -> Int[Tensor, "n_seqs seq_len"]:
     """``n_seqs`` windows of text tokens at seeded random offsets (may overlap), ``seq_len`` tokens
     with the first token: a different sample of the text for each seed, where :func:`corpus_tokens`
@@ -258,7 +258,7 @@ def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str
     first_id = _first_id(model, first_token)
     _check_counts(n_seqs, seq_len, model, min_len=1 if first_id is None else 2)
     n_text = seq_len - (first_id is not None)
-    ids = _text_ids(model, corpus_text() if text is None else text)
+    ids = text_ids(model, corpus_text() if text is None else text)
     if len(ids) < n_text:
         raise SinkInterpError(f"the text has {len(ids)} tokens, fewer than one window of {n_text}")
     rng = random.Random(check_seed(seed))
@@ -269,7 +269,7 @@ def corpus_windows(model, n_seqs: int, seq_len: int, *, seed: int = 0, text: str
 _TEXT_IDS: dict[tuple[str, int, str], list[int]] = {}
 
 
-def _text_ids(model, text: str) -> list[int]:
+def text_ids(model: Model, text: str) -> list[int]:
     """``text`` tokenized without special tokens, cached per tokenizer (the corpus takes ~1 s)."""
     if not isinstance(text, str):
         raise SinkInterpError(f"text must be a string (decoded text, not bytes or a path object), got "
@@ -282,7 +282,7 @@ def _text_ids(model, text: str) -> list[int]:
     return _TEXT_IDS[key]
 
 
-def _allowed_ids(model) -> Tensor:
+def allowed_ids(model: Model) -> Tensor:
     """Token ids to sample from: the whole vocabulary minus the tokenizer's special tokens."""
     ids = torch.arange(model.cfg.d_vocab)
     tokenizer = getattr(model, "tokenizer", None)
@@ -293,12 +293,12 @@ def _allowed_ids(model) -> Tensor:
 
 
 def random_tokens(
-    model, n_seqs: int, seq_len: int, *, seed: int = 0, first_token: FirstToken = "default"
+    model: Model, n_seqs: int, seq_len: int, *, seed: int = 0, first_token: FirstToken = "default"
 ) -> Int[Tensor, "n_seqs seq_len"]:
     """Uniformly random non-special tokens from a seeded generator (``seq_len`` includes the first token)."""
     first_id = _first_id(model, first_token)
     _check_counts(n_seqs, seq_len, model, min_len=1 if first_id is None else 2)
-    allowed = _allowed_ids(model)
+    allowed = allowed_ids(model)
     generator = torch.Generator().manual_seed(check_seed(seed))
     n_random = seq_len - (first_id is not None)
     picks = torch.randint(len(allowed), (n_seqs, n_random), generator=generator)
@@ -306,7 +306,7 @@ def random_tokens(
 
 
 def repeated_random_tokens(
-    model, n_seqs: int, half_len: int, *, seed: int = 0, first_token: FirstToken = "default"
+    model: Model, n_seqs: int, half_len: int, *, seed: int = 0, first_token: FirstToken = "default"
 ) -> Int[Tensor, "n_seqs seq"]:
     """``[x_1..x_n, x_1..x_n]`` for random ``x`` (n = ``half_len``), for induction and duplicate heads.
 
@@ -450,7 +450,7 @@ def _check_depths(depths) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _line_break_near(model, ids: list[int], at: int, reach: int = 24) -> int:
+def _line_break_near(model: Model, ids: list[int], at: int, reach: int = 24) -> int:
     """The insertion point nearest ``at`` that follows a token ending a line (else ``at``), so
     the needle is its own paragraph rather than a cut through a sentence."""
     tokenizer = _tokenizer(model)
@@ -462,7 +462,7 @@ def _line_break_near(model, ids: list[int], at: int, reach: int = 24) -> int:
 
 
 def needle_prompts(
-    model,
+    model: Model,
     n_prompts: int,
     context_len: int,
     *,
@@ -496,7 +496,7 @@ def needle_prompts(
                               "write literal braces as {{ and }}") from None
     if text is None:
         text = corpus_text()
-    corpus = _text_ids(model, text)
+    corpus = text_ids(model, text)
     first_id = _first_id(model, first_token)
     prefix = [] if first_id is None else [first_id]
     rng = random.Random(check_seed(seed))
@@ -504,9 +504,9 @@ def needle_prompts(
     for row in range(n_prompts):
         name = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_LAST_NAMES)}"
         needle = NEEDLE_TEMPLATE.format(name=name, city=rng.choice(_CITIES), number=rng.randint(10000, 99999))
-        needle_ids = _text_ids(model, needle)
-        request_ids = _text_ids(model, request.format(name=name))
-        separator = _text_ids(model, _SEPARATOR)
+        needle_ids = text_ids(model, needle)
+        request_ids = text_ids(model, request.format(name=name))
+        separator = text_ids(model, _SEPARATOR)
         n_hay = context_len - len(prefix) - len(needle_ids) - len(request_ids) - len(separator)
         if n_hay < 1:
             raise SinkInterpError(
@@ -547,7 +547,7 @@ def needle_prompts(
     )
 
 
-def _pad_token(model) -> int:
+def _pad_token(model: Model) -> int:
     tokenizer = _tokenizer(model)
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if candidate is not None:

@@ -12,7 +12,7 @@ The experiment runner computes its numbers the same way (``loss_from`` in a spec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +22,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp._batches import check_int, check_tokens, progress_bar
+from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.experiments.sweep import log_probs, token_metrics
 from sinkinterp.interventions import Intervention, intervene
 
-__all__ = ["evaluate", "Evaluation", "EVALUATE_METRICS"]
+__all__ = ["evaluate", "Evaluation", "EVALUATE_METRICS", "log_probs", "token_metrics"]
 
 EVALUATE_METRICS = ("loss", "kl", "accuracy")
 
@@ -71,6 +71,36 @@ class Evaluation:
         return f"Evaluation({kinds}; {self.n_seqs} seqs, queries >= {self.from_query}; mean {means})"
 
 
+def log_probs(logits: Tensor) -> Tensor:
+    """float32 log-probabilities, computed the one way every KL here uses (so clean vs clean is 0)."""
+    logits = logits.float()
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+def token_metrics(logits: Tensor, tokens: Tensor, from_query: int, metrics: Iterable[str],
+                  clean_logprobs: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-sequence means over query positions i >= ``from_query`` (predicting token i + 1).
+
+    ``logits`` covers those queries only ([batch, pos - 1 - from_query, vocab]); ``clean_logprobs``
+    likewise, for the KL divergence KL(clean || this run). Means are float64. Loss is
+    ``logsumexp(logits) - logit[target]``, so no log-softmax tensor is built unless KL is asked for.
+    """
+    targets = tokens[:, from_query + 1:]
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    out = {"loss": (lse - logits.gather(-1, targets[..., None])[..., 0]).double().mean(dim=-1)}
+    if "accuracy" in metrics:
+        out["accuracy"] = (logits.argmax(dim=-1) == targets).double().mean(dim=-1)
+    if "kl" in metrics:
+        if clean_logprobs is None:
+            out["kl"] = torch.zeros(tokens.shape[0], dtype=torch.float64)
+        else:
+            logprobs = log_probs(logits)
+            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(dim=-1)
+            out["kl"] = kl.double().mean(dim=-1)
+    return {k: v.cpu() for k, v in out.items()}
+
+
 def _check_metrics(metrics) -> tuple[str, ...]:
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = [m for m in metrics if m not in EVALUATE_METRICS]
@@ -80,7 +110,7 @@ def _check_metrics(metrics) -> tuple[str, ...]:
 
 
 def evaluate(
-    model,
+    model: Model,
     tokens: Int[Tensor, "*batch pos"],
     *interventions,
     metrics: Sequence[str] = ("loss",),

@@ -20,7 +20,11 @@ from typing import Any
 
 import pandas as pd
 
+from sinkinterp._io import atomic_write_bytes, check_writable_folder
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.heads import HeadValidation
+from sinkinterp.measure import ResidualProfile, SinkReport
+from sinkinterp.measure.scan import ScanResult
 
 __all__ = [
     "LABEL_ORDER",
@@ -50,7 +54,7 @@ def _pyplot():
     return plt
 
 
-def _subplots(*args, **kwargs):
+def new_subplots(*args, **kwargs):
     """``plt.subplots``, with the figure at once released by pyplot: nothing is shown or kept open
     (no window, no figure piling up in a loop), and in Jupyter the returned figure displays once,
     through its own repr, instead of twice. No backend is forced: headless, pyplot picks Agg."""
@@ -71,8 +75,6 @@ def figure_png(figure, *, dpi: int = 110) -> bytes:
 
 def save_figures(figures: Mapping[str, Any], directory) -> list[Path]:
     """Write each figure as ``directory/<name>.png`` (atomically), close it, return the paths."""
-    from sinkinterp._io import atomic_write_bytes
-
     plt = _pyplot()
     directory = Path(directory)
     paths = []
@@ -83,7 +85,6 @@ def save_figures(figures: Mapping[str, Any], directory) -> list[Path]:
             raise SinkInterpError(f"figure name {name!r} must be a plain file stem (letters, digits, '_', '-', '.')")
         if not hasattr(figure, "savefig"):
             raise SinkInterpError(f"figure {name!r} is not a matplotlib figure, got {type(figure).__name__}")
-    from sinkinterp._io import check_writable_folder
 
     check_writable_folder(directory, "figures folder")
     for name, figure in figures.items():
@@ -93,9 +94,6 @@ def save_figures(figures: Mapping[str, Any], directory) -> list[Path]:
 
 
 def _report(report):
-    from sinkinterp.metrics import SinkReport
-    from sinkinterp.scan import ScanResult
-
     if isinstance(report, ScanResult):
         return report.sinks
     if not isinstance(report, SinkReport):
@@ -109,7 +107,7 @@ def plot_first_token_share(report, *, title: str = ""):
     report = _report(report)
     shares = report.first_token_share_heads.numpy()
     layers = range(report.n_layers)
-    fig, ax = _subplots(figsize=(7, 3.4))
+    fig, ax = new_subplots(figsize=(7, 3.4))
     for layer in layers:
         ax.scatter([layer] * report.n_heads, shares[layer], s=7, color=_REST, alpha=0.45, lw=0)
     ax.plot(layers, shares.mean(axis=1), marker="o", ms=4, color=_SINK, label="mean over heads")
@@ -129,7 +127,7 @@ def plot_alpha_heatmap(report, *, position: int = 0, title: str = ""):
     if not 0 <= position < report.seq_len:
         raise SinkInterpError(f"position {position} out of range: scores cover 0..{report.seq_len - 1}")
     alpha = report.alpha[:, :, position].numpy()
-    fig, ax = _subplots(figsize=(0.35 * report.n_heads + 2.2, 0.16 * report.n_layers + 1.4))
+    fig, ax = new_subplots(figsize=(0.35 * report.n_heads + 2.2, 0.16 * report.n_layers + 1.4))
     image = ax.imshow(alpha, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label=f"alpha at k={position}")
     ax.set_xlabel("head")
@@ -146,17 +144,13 @@ def plot_massive_activations(profile, *, layer: int | None = None, n_channels: i
     """Sun et al.'s two views: the largest |x| per layer against the median (log scale), and the
     channel profile at the first token in ``layer`` (default: the peak layer) against the mean
     over the other positions, with the ``n_channels`` largest channels named."""
-    from sinkinterp.metrics import ResidualProfile
-
     if not isinstance(profile, ResidualProfile):
-        from sinkinterp.scan import ScanResult
-
         if not (isinstance(profile, ScanResult) and profile.profile is not None):
             raise SinkInterpError(f"expected a ResidualProfile or ScanResult, got {type(profile).__name__}")
         profile = profile.profile
     layer = profile.peak_layer if layer is None else layer
     channels = profile.sink_channels(layer, n_channels)  # checks the layer
-    fig, (left, right) = _subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, (left, right) = new_subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 1.4]})
     layers = range(profile.top.shape[0])
     for j in range(profile.top.shape[1]):
         left.plot(layers, profile.top[:, j].numpy(), marker="o", ms=3, label=f"top {j + 1}")
@@ -192,7 +186,7 @@ def plot_qkv_norms(geometry: pd.DataFrame, *, title: str = ""):
     if missing:
         raise SinkInterpError(f"the frame lacks {sorted(missing)}: pass the frame qkv_geometry returns")
     by_layer = geometry.groupby("layer")
-    fig, axes = _subplots(1, 2, figsize=(11, 3.4), sharex=True)
+    fig, axes = new_subplots(1, 2, figsize=(11, 3.4), sharex=True)
     for ax, kind in zip(axes, ("k", "v")):
         for column, colour, label in ((f"{kind}_sink_norm", _SINK, "sink (first token)"),
                                       (f"{kind}_other_norm", _REST, "other positions")):
@@ -215,8 +209,6 @@ def effects_frame(effects) -> pd.DataFrame:
     """Condition, metric, delta and its interval, from an experiment's results record (what
     ``run_experiment`` returns or ``results.json`` holds), a :class:`HeadValidation`, or a
     DataFrame of your own with those columns."""
-    from sinkinterp.heads import HeadValidation
-
     if isinstance(effects, pd.DataFrame):
         missing = [c for c in _EFFECT_COLUMNS if c not in effects.columns]
         if missing:
@@ -258,7 +250,7 @@ def plot_intervention_effects(effects, *, metrics: Sequence[str] | None = None, 
     if unknown:
         raise SinkInterpError(f"no effects for metric(s) {unknown}; available: {available}")
     conditions = list(dict.fromkeys(frame["condition"]))
-    fig, axes = _subplots(1, len(metrics), figsize=(4.6 * len(metrics) + 1.5, 0.42 * len(conditions) + 1.4),
+    fig, axes = new_subplots(1, len(metrics), figsize=(4.6 * len(metrics) + 1.5, 0.42 * len(conditions) + 1.4),
                           sharey=True, squeeze=False)
     y = {name: len(conditions) - 1 - i for i, name in enumerate(conditions)}
     for ax, metric in zip(axes[0], metrics):
@@ -300,7 +292,7 @@ def plot_head_classes(table: pd.DataFrame, *, scores=_SCORES):
                               + ", ".join(map(str, table.columns)))
     n_layers, n_heads = int(table["layer"].max()) + 1, int(table["head"].max()) + 1
     panels = len(scores) + 1
-    fig, axes = _subplots(1, panels, figsize=(1.0 + 0.42 * n_heads * panels, 0.16 * n_layers + 1.8),
+    fig, axes = new_subplots(1, panels, figsize=(1.0 + 0.42 * n_heads * panels, 0.16 * n_layers + 1.8),
                           sharey=True, squeeze=False)
     axes = axes[0]
 

@@ -24,12 +24,19 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sinkinterp import backends
+from sinkinterp import backends, tiny
+from sinkinterp.backends import (
+    Model,
+    new_hooked,
+    quiet_hooked,
+    resolve_backend,
+)
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.sources import ModelSource, attach_source, dtype_name, model_source
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -54,9 +61,7 @@ _MANIFEST = "sinkinterp-manifest.json"
 _HOOKED_PREFIX = "hooked_transformer-"
 _HOOKED_WEIGHTS = f"{_HOOKED_PREFIX}tl{'.'.join(map(str, backends.TL_VERSION[:2]))}.safetensors"
 
-_BACKENDS = ("auto", "hooked", "bridge")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_SOURCE_ATTR = "sinkinterp_source"
 _GGUF_ARCHITECTURES = ("llama", "gemma3")
 
 
@@ -106,56 +111,12 @@ _EMBEDDED = {
 EMBEDDED_MODELS: tuple[str, ...] = tuple(_EMBEDDED)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSource:
-    """Where a loaded model came from; stored on the model, copied into every result's provenance."""
-
-    name: str
-    """What was asked for: ``"smollm2-135m"``, ``"gemma-3-270m"``, a GGUF path, or a TransformerLens name."""
-    origin: Literal["gguf", "transformer_lens", "config"]
-    backend: str
-    dtype: str
-    prepend_bos: bool
-    """The BOS policy: whether ``first_token="default"`` (and ``model.to_tokens``) prepends ``bos_token``."""
-    bos_token: str | None = None
-    path: str | None = None
-    """The GGUF file (the first part, for a model shipped in parts), or None for hub models and configs."""
-    sha256: str | None = None
-    """sha256 of the GGUF file (None for hub models and configs)."""
-    converter_version: int | None = None
-    cache_dir: str | None = None
-    transformer_lens: str = ".".join(map(str, backends.TL_VERSION))
-
-    @property
-    def bos_policy(self) -> str:
-        if self.prepend_bos:
-            return f"prepend {self.bos_token!r}"
-        return "none (no token is prepended)"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "bos_policy": self.bos_policy}
 
 
-def model_source(model: torch.nn.Module) -> ModelSource:
-    """The :class:`ModelSource` of a model loaded (or built) by sinkinterp."""
-    source = getattr(model, _SOURCE_ATTR, None)
-    if source is None:
-        raise SinkInterpError(
-            f"{type(model).__name__} carries no sinkinterp provenance: load it with "
-            "sinkinterp.load_model(...) or a builder from sinkinterp.tiny, or attach one with "
-            "sinkinterp.models.attach_source(model, ModelSource(...))"
-        )
-    return source
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
-def attach_source(model: torch.nn.Module, source: ModelSource) -> None:
-    """Record ``source`` on ``model`` (for models built outside :func:`load_model`)."""
-    # object.__setattr__ bypasses nn.Module's and TransformerBridge's attribute routing.
-    object.__setattr__(model, _SOURCE_ATTR, source)
 
 
 def cache_root() -> Path:
@@ -215,18 +176,6 @@ def _embedded(name: str) -> _Embedded:
     return _EMBEDDED[name]
 
 
-def _resolve_backend(backend) -> str:
-    if backend not in _BACKENDS:
-        raise SinkInterpError(f"backend {backend!r} is not supported: use one of {_BACKENDS}")
-    if backend == "auto":
-        return backends.DEFAULT_BACKEND
-    if backend == "hooked" and not backends.HOOKED_AVAILABLE:
-        raise SinkInterpError(
-            f"backend 'hooked' needs HookedTransformer, which TransformerLens "
-            f"{'.'.join(map(str, backends.TL_VERSION))} no longer has (removed in 4.0): use backend='bridge' "
-            "(TransformerBridge in compatibility mode, the same hook names) or backend='auto'"
-        )
-    return backend
 
 
 def load_model(
@@ -252,7 +201,7 @@ def load_model(
 
     The model's provenance is available as ``sinkinterp.model_source(model)``.
     """
-    backend = _resolve_backend(backend)
+    backend = resolve_backend(backend)
     if dtype not in _DTYPES:
         raise SinkInterpError(
             f"dtype {dtype!r} is not supported: use one of {[str(d) for d in _DTYPES]}"
@@ -267,8 +216,6 @@ def load_model(
         return _load_gguf(_embedded_files(spec), str(name), backend, device, dtype, spec)
     if str(name) in ("tiny-llama", "tiny-gpt2"):
         # Seeded random test models (sinkinterp.tiny): no weights on disk, a fraction of a second.
-        from sinkinterp import tiny
-
         model = getattr(tiny, str(name).replace("-", "_"))(backend=backend)
         return _cast(model, device=device, dtype=dtype)
     path = Path(name).expanduser()
@@ -495,7 +442,7 @@ def _load_gguf(paths: list[Path], name: str, backend: str, device, dtype: torch.
             name=name,
             origin="gguf",
             backend=backend,
-            dtype=_dtype_name(dtype),
+            dtype=dtype_name(dtype),
             prepend_bos=prepend_bos,
             bos_token=tokenizer.bos_token,
             path=str(paths[0].resolve()),
@@ -577,25 +524,8 @@ def hooked_config_from_llama(hf_config, *, name: str, folded: bool = False):
     )
 
 
-def _quiet_hooked():
-    """A context in which TransformerLens 3.x's deprecation notices for HookedTransformer (which
-    point at TransformerBridge, our backend='bridge') are not shown: choosing 'hooked' is explicit."""
-    context = warnings.catch_warnings()
-    context.__enter__()
-    warnings.filterwarnings("ignore", message="HookedTransformer.* is deprecated", category=DeprecationWarning)
-    return context
 
 
-def new_hooked(cfg, tokenizer):
-    """``HookedTransformer(cfg, tokenizer)`` on the CPU, without the 3.x deprecation notice."""
-    cls = backends.hooked_transformer_class()
-    if cls is None:
-        raise SinkInterpError("HookedTransformer does not exist in TransformerLens 4: use backend='bridge'")
-    context = _quiet_hooked()
-    try:
-        return cls(cfg, tokenizer, move_to_device=False)
-    finally:
-        context.__exit__(None, None, None)
 
 
 def _hooked_config(folder: Path, *, name: str, tl_name: str | None, folded: bool):
@@ -618,7 +548,7 @@ def _convert_hooked(folder: Path, tokenizer, *, name: str, tl_name: str | None):
     processing = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
     if tl_name is not None:
         cls = backends.hooked_transformer_class()
-        context = _quiet_hooked()
+        context = quiet_hooked()
         try:
             return cls.from_pretrained(tl_name, hf_model=hf_model, tokenizer=tokenizer, device="cpu",
                                        dtype=torch.float32, **processing)
@@ -685,7 +615,7 @@ def _write_atomically(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def _cast(model, *, device, dtype: torch.dtype):
+def _cast(model: Model, *, device, dtype: torch.dtype):
     if backends.is_hooked_transformer(model):
         if dtype != model.cfg.dtype:
             model = model.to(dtype, print_details=False)
@@ -742,7 +672,7 @@ def _load_transformer_lens(name: str, backend: str, device, dtype: torch.dtype):
         ) from None
     try:
         if backend == "hooked":
-            context = _quiet_hooked()
+            context = quiet_hooked()
             try:
                 model = backends.hooked_transformer_class().from_pretrained(official, device=device, dtype=dtype)
             finally:
@@ -765,7 +695,7 @@ def _load_transformer_lens(name: str, backend: str, device, dtype: torch.dtype):
             name=name,
             origin="transformer_lens",
             backend=backend,
-            dtype=_dtype_name(dtype),
+            dtype=dtype_name(dtype),
             prepend_bos=bool(model.cfg.default_prepend_bos),
             bos_token=getattr(model.tokenizer, "bos_token", None),
         ),
@@ -773,7 +703,7 @@ def _load_transformer_lens(name: str, backend: str, device, dtype: torch.dtype):
     return model
 
 
-def model_info(model) -> dict[str, Any]:
+def model_info(model: Model) -> dict[str, Any]:
     """Architecture and provenance of a loaded model, as plain JSON-ready values."""
     cfg = model.cfg
     source = model_source(model)

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from sinkinterp._batches import check_int, check_seed
+from sinkinterp.backends import new_hooked, resolve_backend
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.models import ModelSource, attach_source, new_hooked
+from sinkinterp.sources import ModelSource, attach_source
 
 __all__ = ["tiny_gpt2", "tiny_llama"]
 
@@ -113,8 +115,8 @@ def tiny_tokenizer_folder(n_vocab: int) -> Path:
 
 
 def _bridge(name: str, settings: dict[str, Any]):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = _hf_config(name, settings)
     folder = tiny_tokenizer_folder(config.vocab_size)
@@ -131,11 +133,7 @@ def _bridge(name: str, settings: dict[str, Any]):
 
 
 def _build(name: str, defaults: dict[str, Any], seed: int, backend: str, overrides: dict[str, Any]):
-    from sinkinterp.models import _resolve_backend
-
-    from sinkinterp._batches import check_int, check_seed
-
-    backend = _resolve_backend(backend)
+    backend = resolve_backend(backend)
     check_seed(seed)
     for field in ("n_layers", "n_heads", "d_model", "d_head", "d_mlp", "n_ctx", "d_vocab", "n_key_value_heads"):
         if field in overrides and overrides[field] is not None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import html
 import json
-import warnings
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,11 +23,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from sinkinterp._batches import check_bool, check_int
-from sinkinterp.backends import attention_windows
-from sinkinterp.interventions import Intervention
+from sinkinterp._batches import check_bool, check_int, check_tokens
+from sinkinterp._io import atomic_write_text
+from sinkinterp.backends import Model, attention_windows
+from sinkinterp.data import text_ids
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.metrics import alpha_at
+from sinkinterp.interventions import Intervention, intervene
+from sinkinterp.interventions.base import ints_or_none
+from sinkinterp.measure import alpha_at
+from sinkinterp.sites import resolve_heads, resolve_layers
 
 __all__ = [
     "AttentionView",
@@ -112,8 +116,6 @@ class AttentionView:
 
     def save_html(self, path) -> Path:
         """A standalone page (atomically written), viewable offline."""
-        from sinkinterp._io import atomic_write_text
-
         page = (
             "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(self.title or 'sinkinterp attention view')}</title></head>"
@@ -122,13 +124,9 @@ class AttentionView:
         return atomic_write_text(path, page)
 
 
-def _view_tokens(model, tokens) -> Tensor:
-    from sinkinterp._batches import check_tokens
-
+def _view_tokens(model: Model, tokens) -> Tensor:
     if isinstance(tokens, str):
-        from sinkinterp.data import _text_ids
-
-        ids = torch.tensor([_text_ids(model, tokens)], dtype=torch.long)
+        ids = torch.tensor([text_ids(model, tokens)], dtype=torch.long)
     elif isinstance(tokens, Tensor):
         ids = tokens[None] if tokens.ndim == 1 else tokens
     else:
@@ -139,16 +137,14 @@ def _view_tokens(model, tokens) -> Tensor:
     return ids
 
 
-def _token_strings(model, ids: Tensor) -> tuple[str, ...]:
+def _token_strings(model: Model, ids: Tensor) -> tuple[str, ...]:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         return tuple(str(int(i)) for i in ids[0])
     return tuple(tokenizer.decode([int(i)]) for i in ids[0])
 
 
-def _patterns(model, ids: Tensor, layers: list[int], interventions=()) -> dict[int, Tensor]:
-    from sinkinterp.interventions import intervene
-
+def _patterns(model: Model, ids: Tensor, layers: list[int], interventions=()) -> dict[int, Tensor]:
     kept: dict[int, Tensor] = {}
 
     def keep(layer: int):
@@ -164,10 +160,8 @@ def _patterns(model, ids: Tensor, layers: list[int], interventions=()) -> dict[i
     return kept
 
 
-def _selection(model, layers, heads) -> tuple[list[int], list[int]]:
-    from sinkinterp.interventions import _heads, _ints, _layers
-
-    return _layers(model, _ints("layers", layers)), _heads(model, _ints("heads", heads))
+def _selection(model: Model, layers, heads) -> tuple[list[int], list[int]]:
+    return resolve_layers(model, ints_or_none("layers", layers)), resolve_heads(model, ints_or_none("heads", heads))
 
 
 def _check_size(n_tokens: int, n_heads: int, max_tokens: int) -> None:
@@ -206,7 +200,7 @@ def _head_panel(pattern: Tensor, hide_sink: bool, sink: int, window: int | None 
 
 
 def attention_view(
-    model,
+    model: Model,
     tokens,
     *,
     layers: Sequence[int] | int | None = None,
@@ -266,7 +260,7 @@ def _make_view(tokens, patterns, names, title, element_id) -> AttentionView:
 
 
 def compare_view(
-    model,
+    model: Model,
     tokens,
     interventions: Sequence,
     *,

@@ -13,12 +13,12 @@ from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, Edi
                         qk_massive_values, sink_scores)
 from sinkinterp.data import NeedlePrompts, corpus_tokens, needle_prompts, random_tokens, repeated_random_tokens
 from sinkinterp.experiments import load_spec
-from sinkinterp.experiments.stats import bootstrap_mean, bootstrap_statistic, recovery_fraction
+from sinkinterp.stats import bootstrap_mean, bootstrap_statistic, recovery_fraction
 from sinkinterp.figures import effects_frame, figure_png, plot_head_classes, plot_qkv_norms, save_figures
-from sinkinterp.metrics import find_massive_activations, residual_profile, stable_massive_channels
+from sinkinterp.measure import find_massive_activations, residual_profile, stable_massive_channels
 from sinkinterp.heads import RepeatedTokens, classify_heads, head_scores
 from sinkinterp.interventions import Intervention
-from sinkinterp.scan import scan, scan_corpus
+from sinkinterp.measure.scan import scan, scan_corpus
 from sinkinterp.tiny import tiny_llama
 from sinkinterp.views import attention_view, compare_view
 

@@ -117,7 +117,7 @@ def test_view_refuses_a_bad_intervention_record(capsys):
 @pytest.mark.integration
 def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, capsys):
     from sinkinterp.data import corpus_tokens
-    from sinkinterp.metrics import sink_scores
+    from sinkinterp.measure import sink_scores
 
     out_file = tmp_path / "scan.json"
     argv = ["scan", "--n-seqs", "4", "--seq-len", "32", "--batch-size", "2", "--json", str(out_file),

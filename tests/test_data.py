@@ -183,8 +183,6 @@ def test_corpus_windows_are_seeded_slices_of_the_text(smollm2):
 
 
 def test_a_string_that_only_maps_to_the_unknown_token_is_refused():
-    from types import SimpleNamespace
-
     class WordLevel:  # a tokenizer with an unknown token, as word-level and older BPE vocabularies have
         unk_token, unk_token_id, bos_token_id = "[UNK]", 0, None
 
@@ -194,7 +192,8 @@ def test_a_string_that_only_maps_to_the_unknown_token_is_refused():
         def encode(self, text, add_special_tokens=False):
             return [self.get_vocab().get(text, 0)]
 
-    model = SimpleNamespace(cfg=SimpleNamespace(d_vocab=2), tokenizer=WordLevel())
+    model = tiny_llama()  # a real model (the model parameter is type-checked), with this tokenizer
+    model.tokenizer = WordLevel()
     assert resolve_token(model, "hello") == 1 and resolve_token(model, "[UNK]") == 0
     with pytest.raises(SinkInterpError, match=r"first token 'zebra' is not in the vocabulary: it encodes to the "
                                               r"unknown token '\[UNK\]' \(id 0\)"):

@@ -22,8 +22,8 @@ from sinkinterp.figures import (
     save_figures,
     scan_figures,
 )
-from sinkinterp.metrics import residual_profile
-from sinkinterp.scan import scan
+from sinkinterp.measure import residual_profile
+from sinkinterp.measure.scan import scan
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -13,15 +13,15 @@ from sinkinterp.heads import (
     DEFAULT_THRESHOLDS,
     SCORERS,
     RepeatedTokens,
-    _rouge1_recall,
     classify_heads,
     greedy_recall,
     head_scores,
     top_heads,
     validate_heads,
 )
+from sinkinterp.heads.recall import _rouge1_recall
 from sinkinterp.interventions import AblateHeads, Intervention, intervene
-from sinkinterp.metrics import qk_massive_values, rotary_pairs
+from sinkinterp.measure import qk_massive_values, rotary_pairs
 
 pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
 
@@ -52,13 +52,13 @@ def _rows(n_pos, targets, sink=0.0):
     return pattern
 
 
-def _repeated(tiny, half=8, n=3):
+def make_repeated(tiny, half=8, n=3):
     half_tokens = random_tokens(tiny, n, half, seed=1)
     return RepeatedTokens(torch.cat([half_tokens, half_tokens], dim=1), half)
 
 
 def test_scorers_on_known_patterns(tiny):
-    data = _repeated(tiny)
+    data = make_repeated(tiny)
     n, T = data.half_len, data.tokens.shape[1]
     heads = [
         _rows(T, lambda i: i - 1),                                   # previous-token
@@ -149,7 +149,7 @@ def test_needle_prompts_validate_their_answer(tiny):
 
 
 def test_classify_labels_and_thresholds(tiny):
-    data = _repeated(tiny)
+    data = make_repeated(tiny)
     T = data.tokens.shape[1]
 
     def heads(n_pos):
@@ -312,7 +312,7 @@ def test_ablate_heads_bad_input_and_cleanup(tiny):
 def test_tl_scores_equal_transformer_lens_detect_head(tiny, monkeypatch):
     from transformer_lens.head_detector import detect_head
 
-    data = _repeated(tiny)
+    data = make_repeated(tiny)
     scores = head_scores(tiny, {"repeated": data}, ["previous_token_tl", "duplicate_tl", "induction_tl"], progress=False)
     for kind, name in (("previous_token_head", "previous_token_tl"), ("duplicate_token_head", "duplicate_tl"),
                        ("induction_head", "induction_tl")):
@@ -338,7 +338,7 @@ def test_tl_score_is_about_half_the_arena_mean_on_repeated_tokens(tiny):
 
 
 def test_heads_with_negligible_non_sink_mass_get_no_content_label(tiny):
-    data = _repeated(tiny, half=8, n=3)
+    data = make_repeated(tiny, half=8, n=3)
     T, n = data.tokens.shape[1], data.half_len
     target = lambda i: i - n + 1 if i >= n else None  # noqa: E731
     heads = torch.stack([
@@ -388,7 +388,7 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 def test_ov_weights_are_what_the_forward_uses(tiny):
     """At layer 0 the value of token t is its normalised embedding times W_V (its kv group's), and
     z W_O summed over heads is the attention output: the weights read are the ones that run."""
-    from sinkinterp.heads import _head_ov
+    from sinkinterp.heads.copying import _head_ov
 
     tokens = random_tokens(tiny, 1, 12, seed=3)
     _, cache = tiny.run_with_cache(tokens)
@@ -403,17 +403,17 @@ def test_ov_weights_are_what_the_forward_uses(tiny):
 
 
 def test_ov_copying_scores_match_the_full_vocabulary_circuit(tiny):
-    from sinkinterp.data import _allowed_ids
-    from sinkinterp.heads import _head_ov, ov_copying_scores
+    from sinkinterp.data import allowed_ids
+    from sinkinterp.heads.copying import _head_ov, ov_copying_scores
 
     frame = ov_copying_scores(tiny, [(0, 1), (1, 4)], n_tokens=10_000, seed=0)
-    assert frame.attrs["n_tokens"] == len(_allowed_ids(tiny))  # capped at the vocabulary
+    assert frame.attrs["n_tokens"] == len(allowed_ids(tiny))  # capped at the vocabulary
     for row in frame.itertuples():
         w_v, w_o = _head_ov(tiny, row.layer, row.head)
         circuit = tiny.W_E.double() @ w_v @ w_o @ tiny.W_U.double()  # [vocab vocab], tiny: 67 x 67
         eigen = torch.linalg.eigvals(circuit)
         assert row.ov_eigen == pytest.approx(float(eigen.real.sum() / eigen.abs().sum()), abs=1e-9)
-        ids = _allowed_ids(tiny)
+        ids = allowed_ids(tiny)
         top = circuit[ids].argmax(dim=1)
         assert row.ov_top1 == pytest.approx(float((top == ids).double().mean()), abs=1e-12)
         assert -1 <= row.ov_eigen <= 1 and row.ov_top1 <= row.ov_top5
@@ -472,7 +472,7 @@ def test_copying_evidence_marks_the_top_heads(tiny):
 def test_random_head_sets_are_layer_matched():
     import random as stdlib_random
 
-    from sinkinterp.heads import _layer_matched
+    from sinkinterp.heads.validate import _layer_matched
 
     reference = [(17, 3), (17, 4), (18, 6), (23, 2)]
     pool = [(l, h) for l in range(30) for h in range(9) if (l, h) not in reference]

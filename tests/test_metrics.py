@@ -10,7 +10,7 @@ import torch
 from sinkinterp import SinkInterpError
 from sinkinterp._batches import check_mask, check_tokens
 from sinkinterp.data import random_tokens
-from sinkinterp.metrics import (
+from sinkinterp.measure import (
     find_massive_activations,
     massive_entries,
     qkv_geometry,

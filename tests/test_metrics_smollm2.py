@@ -7,7 +7,7 @@ import torch
 
 from sinkinterp import SinkInterpError
 from sinkinterp.data import corpus_tokens
-from sinkinterp.metrics import (
+from sinkinterp.measure import (
     find_massive_activations,
     qkv_geometry,
     sink_scores,

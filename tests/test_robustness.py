@@ -4,6 +4,7 @@ error and exit status 2) naming the value, before any work, and nothing half-wri
 import argparse
 import errno
 import json
+import sys
 import time
 
 import pytest
@@ -15,7 +16,7 @@ from sinkinterp._io import atomic_write_json, check_writable_file, read_record, 
 from sinkinterp._yaml import load_yaml
 from sinkinterp.cli import build_parser, main, write_json_or_rescue
 from sinkinterp.experiments import ExperimentSpec, builtin_specs, load_spec
-from sinkinterp.experiments.stats import bootstrap_mean
+from sinkinterp.stats import bootstrap_mean
 
 
 @pytest.fixture
@@ -24,7 +25,12 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(sinkinterp.models, "load_model", refuse)
+    real = sinkinterp.models.load_model
+    bound = [m for name, m in sorted(sys.modules.items())
+             if name.startswith("sinkinterp") and getattr(m, "load_model", None) is real]
+    assert sinkinterp.models in bound and sinkinterp.cli in bound  # every module that calls it by this name
+    for module in bound:
+        monkeypatch.setattr(module, "load_model", refuse)
 
 
 def _error(capsys, argv) -> str:
@@ -70,7 +76,7 @@ def test_a_full_disk_keeps_the_results(tmp_path, monkeypatch, capsys):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data)
 
-    monkeypatch.setattr("sinkinterp._io.atomic_write_json", full)
+    monkeypatch.setattr("sinkinterp.cli.atomic_write_json", full)  # the writer the CLI calls
     with pytest.raises(SinkInterpError, match=r"cannot write .*scan.json' \(No space left on device\); the results "
                                               r"were saved to (.*\.json)") as error:
         write_json_or_rescue(tmp_path / "scan.json", {"sink_ratio": 0.7})

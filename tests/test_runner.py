@@ -17,14 +17,15 @@ from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments import ExperimentSpec, run_experiment
 from sinkinterp.experiments import runner as runner_module
 from sinkinterp.experiments.report import _Stats, judge
-from sinkinterp.experiments.stats import (
+from sinkinterp.stats import (
     Estimate,
     bootstrap_mean,
     bootstrap_statistic,
     paired_difference,
     recovery_fraction,
 )
-from sinkinterp.experiments.sweep import fast_sweep, naive_sweep, restrict, sweep_variants, token_metrics
+from sinkinterp.evaluate import token_metrics
+from sinkinterp.experiments.sweep import fast_sweep, naive_sweep, restrict, sweep_variants
 from sinkinterp.interventions import (
     AblateSinkValue,
     ConstantAttentionBias,

@@ -38,7 +38,7 @@ from sinkinterp.interventions import (
     fit_constant_bias,
     intervene,
 )
-from sinkinterp.metrics import qk_massive_values, qkv_geometry, sink_scores, value_weighted_attention
+from sinkinterp.measure import qk_massive_values, qkv_geometry, sink_scores, value_weighted_attention
 
 try:  # imported by pytest, which puts tests/ on the path, or run as `python -m tests.zoo_checks`
     import zoo

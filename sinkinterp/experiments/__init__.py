@@ -10,7 +10,7 @@ from sinkinterp.experiments.spec import (
     builtin_specs,
     load_spec,
 )
-from sinkinterp.experiments.stats import (
+from sinkinterp.stats import (
     Estimate,
     bootstrap_mean,
     bootstrap_statistic,

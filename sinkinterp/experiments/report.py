@@ -8,17 +8,23 @@ intervals and the spec's criteria; the report's text is generated from the numbe
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sinkinterp._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from sinkinterp._io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    slug,
+)
 from sinkinterp.data import describe_sampling
 from sinkinterp.experiments.spec import CRITERION_KINDS, Criterion, ExperimentSpec
-from sinkinterp.experiments.stats import Estimate, bootstrap_statistic
+from sinkinterp.figures import figure_png, new_subplots
+from sinkinterp.stats import Estimate, bootstrap_statistic
 
 __all__ = ["assemble", "write_outputs", "judge", "format_report"]
 
@@ -244,7 +250,7 @@ def assemble(spec: ExperimentSpec, clean: dict, records: list[dict], measurement
 # report.md and figures
 
 
-def _est(record: dict, digits: int = 3) -> str:
+def format_estimate(record: dict, digits: int = 3) -> str:
     if record is None or record["value"] is None or math.isnan(record["value"]):
         return "undefined"
     return f"{record['value']:.{digits}f} [{record['low']:.{digits}f}, {record['high']:.{digits}f}]"
@@ -294,13 +300,13 @@ def format_report(results: dict[str, Any]) -> str:
               + " | Δ loss vs clean | recovery / control |",
               "|---" * (len(metrics) + 3) + "|"]
     clean = results["clean"]["metrics"]
-    lines.append("| clean | " + " | ".join("0" if m == "kl" else _est(clean[m]) for m in metrics) + " | | |")
+    lines.append("| clean | " + " | ".join("0" if m == "kl" else format_estimate(clean[m]) for m in metrics) + " | | |")
     for c in results["conditions"]:
         if "sweep" in c:
             continue
         extra = ""
         if "recovery" in c:
-            extra = f"recovers {_est(c['recovery']['loss'], 2)} of {c['recovery']['of']!r}"
+            extra = f"recovers {format_estimate(c['recovery']['loss'], 2)} of {c['recovery']['of']!r}"
             if c["recovery"].get("beats_clean"):
                 extra += " **(beats clean: an adapter, not evidence)**"
             elif c["recovery"].get("above_one"):
@@ -314,7 +320,7 @@ def format_report(results: dict[str, Any]) -> str:
             spread = c["draws"]["spread"]["loss"]
             extra += (f"{'; ' if extra else ''}{spread['n']} draws, Δ loss min {spread['min']:+.3f} / median "
                       f"{spread['median']:+.3f} / max {spread['max']:+.3f}")
-        values = " | ".join(_est(c["metrics"][m]["value"]) for m in metrics)
+        values = " | ".join(format_estimate(c["metrics"][m]["value"]) for m in metrics)
         lines.append(f"| {c['name']} | {values} | {_signed(c['metrics']['loss']['delta'])} | {extra} |")
     lines += ["", "![change per condition, paired to clean](conditions.png)", ""]
     fits = [(c["name"], iv["fit_log"]) for c in results["conditions"] for iv in c["interventions"]
@@ -348,14 +354,14 @@ def format_report(results: dict[str, Any]) -> str:
                   "mean per sequence:", ""]
         for key, value in m.items():
             if isinstance(value, dict) and "value" in value:
-                lines.append(f"- {key}: {_est(value)}")
+                lines.append(f"- {key}: {format_estimate(value)}")
         lines.append("")
     lines += ["## Verdicts", ""]
     for v in results["verdicts"]:
         lines += [f"### {v['hypothesis']}: **{v['verdict']}**", ""]
         for r in v["criteria"]:
             subject = f"{r['condition']!r}: " if r["condition"] else ""
-            lines.append(f"- {r['outcome'].upper()}: {subject}{r['quantity']} = {_est(r['estimate'])}; "
+            lines.append(f"- {r['outcome'].upper()}: {subject}{r['quantity']} = {format_estimate(r['estimate'])}; "
                          f"rule: {r['rule']} with threshold {r['threshold']:g}"
                          + (f". {r['description']}" if r["description"] else "")
                          + (f". **{r['note']}**" if r.get("note") else ""))
@@ -367,19 +373,16 @@ def format_report(results: dict[str, Any]) -> str:
 
 
 def _figure_name(condition: str) -> str:
-    from sinkinterp.experiments.runner import _slug
 
-    return f"sweep-{_slug(condition)}.png"
+    return f"sweep-{slug(condition)}.png"
 
 
 def figures(results: dict[str, Any]) -> dict[str, bytes]:
-    from sinkinterp.figures import _subplots, figure_png  # released from pyplot at once; no backend forced
-
     out = {}
     plain = [c for c in results["conditions"] if "sweep" not in c]
     panels = [m for m in ("loss", "sink_ratio") if m in results["spec"]["metrics"]]
     if plain:
-        fig, axes = _subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(plain) + 1.6), squeeze=False)
+        fig, axes = new_subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(plain) + 1.6), squeeze=False)
         for ax, metric in zip(axes[0], panels):
             # Paired differences to clean (the same sequences under both), with their bootstrap CIs:
             # the quantity the verdicts test, not absolute values with unpaired intervals.
@@ -402,7 +405,7 @@ def figures(results: dict[str, Any]) -> dict[str, bytes]:
         if "sweep" not in c:
             continue
         variants = c["sweep"]["variants"]
-        fig, ax = _subplots(figsize=(7, 3.6))
+        fig, ax = new_subplots(figsize=(7, 3.6))
         if c["sweep"]["over"] == "layers":
             layers = [v["layer"] for v in variants]
             delta = [v["loss"]["delta"] for v in variants]

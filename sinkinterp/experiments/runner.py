@@ -11,10 +11,7 @@ from those files, so a resumed run and an uninterrupted one give the same number
 from __future__ import annotations
 
 import hashlib
-import json
 import random
-import re
-import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,21 +20,42 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sinkinterp._io import check_writable_folder, locked_folder, read_record, write_record
-from sinkinterp.backends import attention_windows
-from sinkinterp.data import resolve_first_token
-from sinkinterp.metrics import alpha_at
+from sinkinterp._io import (
+    check_writable_folder,
+    locked_folder,
+    read_record,
+    slug,
+    write_record,
+)
+from sinkinterp.backends import Model, attention_windows
+from sinkinterp.data import (
+    allowed_ids,
+    corpus_documents,
+    corpus_tokens,
+    random_tokens,
+    resolve_first_token,
+    resolve_token,
+)
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.evaluate import log_probs, token_metrics
+from sinkinterp.experiments.report import assemble, write_outputs
 from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
-from sinkinterp.experiments.sweep import fast_sweep, log_probs, sweep_variants, token_metrics
+from sinkinterp.experiments.sweep import fast_sweep, sweep_variants
 from sinkinterp.interventions import (
     INTERVENTIONS,
     Intervention,
     PatchFirstTokenResidual,
-    _heads,
-    _layers,
     fit_constant_bias,
     intervene,
+)
+from sinkinterp.measure import alpha_at, value_weighted_attention
+from sinkinterp.models import load_model
+from sinkinterp.provenance import describe_model, git_commit, package_versions
+from sinkinterp.sites import (
+    check_head_pairs,
+    resolve_heads,
+    resolve_layers,
+    select_indices,
 )
 
 __all__ = ["run_experiment", "Prepared"]
@@ -46,19 +64,15 @@ __all__ = ["run_experiment", "Prepared"]
 CLEAN_CACHE_LIMIT = 2 * 1024**3
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "condition"
-
-
 def condition_file(out: Path, index: int, condition: ConditionSpec) -> Path:
-    return out / "conditions" / f"{index:02d}-{_slug(condition.name)}.json"
+    return out / "conditions" / f"{index:02d}-{slug(condition.name)}.json"
 
 
 # --------------------------------------------------------------------------------------------
 # Model-dependent checks and data
 
 
-def check_against_model(spec: ExperimentSpec, model) -> None:
+def check_against_model(spec: ExperimentSpec, model: Model) -> None:
     """Everything the spec asks of the model, checked before any forward pass."""
     cfg = model.cfg
     if spec.data.seq_len > cfg.n_ctx:
@@ -68,7 +82,6 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
     if needs_tokenizer and getattr(model, "tokenizer", None) is None:
         raise SinkInterpError(f"spec.data: source {spec.data.source!r} / first_token {spec.data.first_token!r} "
                               f"need a tokenizer, and {cfg.model_name} has none: use source 'random'")
-    from sinkinterp.data import resolve_token
 
     for i, condition in enumerate(spec.conditions):
         if condition.first_token not in (None, "random"):
@@ -88,17 +101,13 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                                           f"(0..{cfg.n_layers - 1})")
                 layers = record.get("layers")
                 if not isinstance(layers, str):  # 'first' / 'all' (a fitted massive edit): checked with the spec
-                    _layers(model, layers)
+                    resolve_layers(model, layers)
                 if record["type"] == "AblateHeads":
-                    from sinkinterp.interventions import _head_pairs
-
-                    _head_pairs(model, record.get("heads", ()))
+                    check_head_pairs(model, record.get("heads", ()))
                 elif "heads" in record:
-                    _heads(model, record.get("heads"))
+                    resolve_heads(model, record.get("heads"))
                 if record.get("channels") is not None:
-                    from sinkinterp.interventions import _select
-
-                    _select("channel", record["channels"], cfg.d_model, "residual channels")
+                    select_indices("channel", record["channels"], cfg.d_model, "residual channels")
                 # Can this model's hook points carry it (an edit that reaches the output, a hook that fires)?
                 INTERVENTIONS[record["type"]].check_model(model, {**record, **(record.get("fit") or {})},
                                                           where=record["type"])
@@ -106,10 +115,8 @@ def check_against_model(spec: ExperimentSpec, model) -> None:
                 raise SinkInterpError(f"{where}: {e}") from None
 
 
-def _data(model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
+def _data(model: Model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
     """Calibration and evaluation tokens (disjoint: calibration first) and how they were made."""
-    from sinkinterp.data import corpus_documents, corpus_tokens, random_tokens
-
     data = spec.data
     n_total = data.n_calibration + data.n_seqs
     record: dict[str, Any] = {"source": data.source, "first_token": data.first_token,
@@ -151,7 +158,7 @@ class _PerBatch:
     def __init__(self, record: dict, calibration: Tensor):
         self.record, self.calibration = record, calibration
 
-    def build(self, model, rows: Tensor) -> Intervention:
+    def build(self, model: Model, rows: Tensor) -> Intervention:
         source = self.calibration[rows % self.calibration.shape[0], :2]
         return PatchFirstTokenResidual.fit(model, source, layers=self.record.get("layers"),
                                            hook=self.record.get("hook", "resid_pre"))
@@ -161,7 +168,7 @@ class _PerBatch:
                 "resolved": "per sequence: calibration sequence (row % n_calibration)'s first-token residual"}
 
 
-def _fit(model, record: dict, calibration: Tensor, seed: int, draw: int = 0,
+def _fit(model: Model, record: dict, calibration: Tensor, seed: int, draw: int = 0,
          n_draws: int = 1) -> Intervention | _PerBatch:
     """The intervention ``record`` describes, fitted on ``calibration``. Random choices are draw
     ``draw`` of ``n_draws`` (distinct key positions across draws; channels drawn with seed + draw)."""
@@ -232,7 +239,7 @@ def _fit(model, record: dict, calibration: Tensor, seed: int, draw: int = 0,
 class _Evaluator:
     """Runs the evaluation tokens under a set of hooks and returns per-sequence metrics."""
 
-    def __init__(self, model, spec: ExperimentSpec, tokens: Tensor):
+    def __init__(self, model: Model, spec: ExperimentSpec, tokens: Tensor):
         self.model, self.spec, self.tokens = model, spec, tokens
         self.metrics = spec.metrics
         size = tokens.shape[0] * (tokens.shape[1] - 1 - spec.loss_from) * model.cfg.d_vocab * 4
@@ -312,30 +319,14 @@ def _lists(values: dict[str, Tensor]) -> dict[str, list]:
 # Provenance
 
 
-def _git_commit() -> dict[str, Any] | None:
-    folder = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, Any]:
-    from sinkinterp.scan import describe_model, package_versions
-
+def provenance(model: Model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, Any]:
     info = describe_model(model)
     source = info.get("source") or {}
     return {
         "model": info,
         "weights_sha256": source.get("sha256"),
         "versions": package_versions(),
-        "git": _git_commit(),
+        "git": git_commit(),
         "seed": spec.seed,
         "bos_policy": {"first_token": spec.data.first_token, "tokenizer": info.get("bos_policy"),
                        "first_token_resolved": resolve_first_token(model, spec.data.first_token)},
@@ -351,7 +342,7 @@ def provenance(model, spec: ExperimentSpec, data: dict[str, Any]) -> dict[str, A
 class Prepared:
     """A spec, its model and its tokens, checked and ready for forward passes."""
 
-    def __init__(self, spec: ExperimentSpec, model):
+    def __init__(self, spec: ExperimentSpec, model: Model):
         self.spec, self.model = spec, model
         self.calibration, self.evaluation, self.data = _data(model, spec)
         self.evaluator = _Evaluator(model, spec, self.evaluation)
@@ -390,8 +381,8 @@ def _load_done(path: Path | None, fingerprint: str, resume: bool, log) -> dict |
     return record
 
 
-def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model=None, resume: bool = False,
-                   progress: bool | None = None, log=print) -> dict[str, Any]:
+def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model: Model | None = None,
+                   resume: bool = False, progress: bool | None = None, log=print) -> dict[str, Any]:
     """Run ``spec``; with ``out``, write every result there (see the module docstring).
 
     ``model``: an already loaded model to use instead of loading ``spec.model``. Returns the
@@ -421,13 +412,10 @@ def run_experiment(spec: ExperimentSpec, out: str | Path | None = None, *, model
         raise
 
 
-def _run(spec: ExperimentSpec, out: Path | None, model, resume: bool, progress: bool | None, log) -> dict[str, Any]:
-    from sinkinterp.experiments.report import assemble, write_outputs
-
+def _run(spec: ExperimentSpec, out: Path | None, model: Model | None, resume: bool, progress: bool | None,
+         log) -> dict[str, Any]:
     progress = _show_progress() if progress is None else progress
     if model is None:
-        from sinkinterp.models import load_model
-
         model = load_model(spec.model, backend=spec.backend)
     check_against_model(spec, model)
     run = Prepared(spec, model)
@@ -508,11 +496,9 @@ def _run_draw(run: Prepared, condition: ConditionSpec, draw: int) -> dict[str, A
     return entry
 
 
-def _first_tokens(model, token, n: int, seed: int) -> Tensor:
-    from sinkinterp.data import _allowed_ids, resolve_token
-
+def _first_tokens(model: Model, token, n: int, seed: int) -> Tensor:
     if token == "random":
-        allowed = _allowed_ids(model)
+        allowed = allowed_ids(model)
         generator = torch.Generator().manual_seed(seed)
         return allowed[torch.randint(len(allowed), (n,), generator=generator)]
     return torch.full((n,), resolve_token(model, token), dtype=torch.long)
@@ -538,8 +524,6 @@ def _measurements(run: Prepared, clean: dict, out: Path | None, fingerprint: str
 def _value_weighted(run: Prepared, clean: dict) -> dict[str, Any]:
     """Per sequence: attention share and value-weighted norm share of the sink, averaged over the
     sink heads (clean alpha at the first token > eps); plus the per-head means."""
-    from sinkinterp.metrics import value_weighted_attention
-
     alpha = torch.tensor(clean["alpha_first"]).mean(dim=0)  # [layer head]
     sink_heads = [(l, h) for l, h in zip(*torch.nonzero(alpha > run.spec.eps, as_tuple=True))]
     sink_heads = [(int(l), int(h)) for l, h in sink_heads]

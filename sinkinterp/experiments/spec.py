@@ -20,9 +20,9 @@ from typing import Any, Union
 
 from sinkinterp._yaml import check_finite, read_yaml_file
 from sinkinterp.data import SAMPLING
-from sinkinterp.experiments.stats import MAX_RESAMPLES
-
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.interventions import INTERVENTIONS, Intervention
+from sinkinterp.stats import MAX_RESAMPLES
 
 __all__ = [
     "ExperimentSpec", "DataSpec", "ConditionSpec", "Criterion", "BootstrapSpec",
@@ -249,8 +249,6 @@ def _at_least(path: str, value: int, low: int) -> None:
 
 
 def _validate(spec: ExperimentSpec) -> None:
-    from sinkinterp.interventions import INTERVENTIONS
-
     data = spec.data
     if not spec.name:
         _fail("spec.name", "must not be empty")
@@ -421,8 +419,6 @@ _FIT_CHECKS = {
 
 
 def _intervention_from_dict(record: dict, where: str):
-    from sinkinterp.interventions import Intervention
-
     try:
         return Intervention.from_dict(record)
     except SinkInterpError as e:

@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from sinkinterp.backends import capabilities, final_logits, resume
+from sinkinterp._batches import progress_bar
+from sinkinterp.backends import Model, capabilities, final_logits, resume
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.interventions import Intervention, _heads, _layers, intervene
+from sinkinterp.evaluate import log_probs, token_metrics
+from sinkinterp.interventions import Hook, Intervention, intervene
+from sinkinterp.sites import resolve_heads, resolve_layers
 
-__all__ = ["token_metrics", "sweep_variants", "restrict", "fast_sweep", "naive_sweep", "Variant"]
-
-Hook = tuple[str, Callable]
+__all__ = ["sweep_variants", "restrict", "fast_sweep", "naive_sweep", "Variant"]
 
 #: Largest logits tensor the fast sweep builds at once (several stacked variants per unembedding).
 UNEMBED_BYTES = 1024**3
@@ -49,43 +50,13 @@ class Variant:
         return {"layer": self.layer} if self.head is None else {"layer": self.layer, "head": self.head}
 
 
-def log_probs(logits: Tensor) -> Tensor:
-    """float32 log-probabilities, computed the one way every KL here uses (so clean vs clean is 0)."""
-    logits = logits.float()
-    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
-def token_metrics(logits: Tensor, tokens: Tensor, loss_from: int, metrics: Iterable[str],
-                  clean_logprobs: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-sequence means over query positions i >= ``loss_from`` (predicting token i + 1).
-
-    ``logits`` covers those queries only ([batch, pos - 1 - loss_from, vocab]); ``clean_logprobs``
-    likewise, for the KL divergence KL(clean || this run). Means are float64. Loss is
-    ``logsumexp(logits) - logit[target]``, so no log-softmax tensor is built unless KL is asked for.
-    """
-    targets = tokens[:, loss_from + 1:]
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    out = {"loss": (lse - logits.gather(-1, targets[..., None])[..., 0]).double().mean(dim=-1)}
-    if "accuracy" in metrics:
-        out["accuracy"] = (logits.argmax(dim=-1) == targets).double().mean(dim=-1)
-    if "kl" in metrics:
-        if clean_logprobs is None:
-            out["kl"] = torch.zeros(tokens.shape[0], dtype=torch.float64)
-        else:
-            logprobs = log_probs(logits)
-            kl = (clean_logprobs.exp() * (clean_logprobs - logprobs)).sum(dim=-1)
-            out["kl"] = kl.double().mean(dim=-1)
-    return {k: v.cpu() for k, v in out.items()}
-
-
-def restrict(intervention: Intervention, model, layer: int, head: int | None = None) -> Intervention | None:
+def restrict(intervention: Intervention, model: Model, layer: int, head: int | None = None) -> Intervention | None:
     """The same intervention acting on one layer (and one head) only, with its stored arrays
     sliced to match; None if it does not act on that layer / head."""
     kind = type(intervention).__name__
     if not hasattr(intervention, "layers"):
         raise SinkInterpError(f"{kind} names its own heads and cannot be swept by layer or head")
-    layers = _layers(model, intervention.layers)
+    layers = resolve_layers(model, intervention.layers)
     if layer not in layers:
         return None
     i = layers.index(layer)
@@ -98,7 +69,7 @@ def restrict(intervention: Intervention, model, layer: int, head: int | None = N
         if kind not in _PER_HEAD:
             raise SinkInterpError(f"a head sweep cannot restrict {kind} to one head: "
                                   f"sweep 'layers' instead (heads can be swept for {', '.join(sorted(_PER_HEAD))})")
-        heads = _heads(model, intervention.heads)
+        heads = resolve_heads(model, intervention.heads)
         if head not in heads:
             return None
         j = heads.index(head)
@@ -110,7 +81,7 @@ def restrict(intervention: Intervention, model, layer: int, head: int | None = N
     return dataclasses.replace(intervention, **changes)
 
 
-def sweep_variants(model, interventions: Iterable[Intervention], sweep: str) -> list[Variant]:
+def sweep_variants(model: Model, interventions: Iterable[Intervention], sweep: str) -> list[Variant]:
     """One variant per layer (``"layers"``) or per (layer, head) (``"heads"``) that every
     intervention of the condition acts on."""
     interventions = tuple(interventions)
@@ -146,13 +117,11 @@ def _stacked(hook_lists: list[list[Hook]], rows: int) -> list[Hook]:
     return [(name, make(entries)) for name, entries in by_name.items()]
 
 
-def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
+def fast_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
                batch_size: int = 8, max_rows: int = 64, progress: bool = False) -> list[dict[str, Tensor]]:
     """Per-variant per-sequence metrics, starting each variant at its layer from the cached clean
     residual where the model can resume there (else from the tokens), with variants of one layer
     stacked up to ``max_rows`` rows per forward."""
-    from sinkinterp._batches import progress_bar
-
     tqdm = progress_bar()
     resumable = capabilities(model).start_at_layer_skips_earlier_layers
     starts = sorted({v.layer for v in variants})
@@ -211,11 +180,9 @@ def fast_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int
     return [{name: torch.cat(parts) for name, parts in r.items()} for r in results]
 
 
-def naive_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
+def naive_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
                 batch_size: int = 8, progress: bool = False) -> list[dict[str, Tensor]]:
     """The reference: one full forward per variant and mini-batch."""
-    from sinkinterp._batches import progress_bar
-
     tqdm = progress_bar()
 
     results: list[dict[str, list[Tensor]]] = [{} for _ in variants]
@@ -231,3 +198,4 @@ def naive_sweep(model, tokens: Tensor, variants: list[Variant], *, loss_from: in
                 for name, value in token_metrics(logits, batch, loss_from, metrics, clean_lp).items():
                     results[i].setdefault(name, []).append(value)
     return [{name: torch.cat(parts) for name, parts in r.items()} for r in results]
+

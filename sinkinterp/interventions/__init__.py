@@ -1,0 +1,40 @@
+"""Causal interventions on the sink, as values (docs/design.md §3).
+
+Each intervention is a frozen dataclass: it prints, compares, and round-trips through
+``to_dict`` / ``Intervention.from_dict`` (JSON or YAML). Statistics it needs (mean values, fitted
+biases, patch sources) are computed once by a classmethod from reference tokens and stored as
+numbers, so the object can be saved and applied again without the reference data.
+``.hooks(model)`` validates it against the model and compiles it to TransformerLens forward hooks
+``[(hook_name, fn), ...]``, which work with ``intervene``, ``model.hooks`` and
+``model.run_with_hooks``, on HookedTransformer and TransformerBridge alike.
+
+Positions are absolute (no padding). Query head h reads key/value head ``h // group``; per-head
+interventions act on scores, pattern or z, so they never touch the other heads of a group,
+except :class:`ReplaceSinkKey`, which changes a key and so needs whole groups.
+"""
+
+# In dependency order: base (values, checks, the registry, intervene) and capture, then one module per
+# family of types, then the fitting of the explicit slot.
+from sinkinterp.interventions.ablate_heads import AblateHeads
+from sinkinterp.interventions.base import INTERVENTIONS, Hook, Intervention, intervene
+from sinkinterp.interventions.fitting import fit_constant_bias
+from sinkinterp.interventions.keys import MaskSinkKey, ReplaceSinkKey
+from sinkinterp.interventions.massive import EditMassiveChannels
+from sinkinterp.interventions.residual import PatchFirstTokenResidual
+from sinkinterp.interventions.slot import ConstantAttentionBias
+from sinkinterp.interventions.values import AblateSinkValue
+
+__all__ = [
+    "Intervention",
+    "MaskSinkKey",
+    "AblateSinkValue",
+    "ReplaceSinkKey",
+    "EditMassiveChannels",
+    "PatchFirstTokenResidual",
+    "ConstantAttentionBias",
+    "AblateHeads",
+    "fit_constant_bias",
+    "intervene",
+    "INTERVENTIONS",
+    "Hook",
+]

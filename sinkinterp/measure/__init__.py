@@ -1,0 +1,40 @@
+"""Measure attention sinks and massive activations (definitions: docs/design.md §2).
+
+Every measurement streams: hooks reduce each layer's activation to a per-sequence statistic, add it to
+running sums and drop it, so memory never holds a ``[layers, heads, T, T]`` cache. Positions are
+relative to each row's first real token (left padding needs an ``attention_mask``). Sequences are
+averaged with equal weight: first over the positions of one sequence, then over sequences.
+
+- :mod:`~sinkinterp.measure.sinks`: :func:`sink_scores` -> :class:`SinkReport` (alpha[l, h, k], sink
+  ratio, first-token share, secondary sinks);
+- :mod:`~sinkinterp.measure.massive`: :func:`find_massive_activations` (Sun et al.),
+  :func:`stable_massive_channels`, :func:`residual_profile`;
+- :mod:`~sinkinterp.measure.geometry`: :func:`qkv_geometry`, q/k/v norms and angles;
+- :mod:`~sinkinterp.measure.value_weighted`: :func:`value_weighted_attention`;
+- :mod:`~sinkinterp.measure.qk`: :func:`qk_massive_values` (Jin et al.);
+- :mod:`~sinkinterp.measure.scan`: :func:`scan`, all of the first two in one pass.
+"""
+
+# In dependency order: common <- sinks, massive, geometry <- value_weighted, qk <- scan.
+from sinkinterp.measure.common import MASSIVE_COLUMNS, alpha_at, seen_counts
+from sinkinterp.measure.geometry import head_frame, qkv_geometry
+from sinkinterp.measure.massive import (
+    ResidualProfile,
+    find_massive_activations,
+    massive_entries,
+    residual_profile,
+    stable_massive_channels,
+)
+from sinkinterp.measure.qk import QKMassiveValues, qk_massive_values, rotary_pairs
+from sinkinterp.measure.scan import ScanResult, scan, scan_corpus
+from sinkinterp.measure.sinks import SinkReport, sink_scores
+from sinkinterp.measure.value_weighted import value_weighted_attention
+
+__all__ = [
+    "SinkReport", "sink_scores", "alpha_at", "seen_counts",
+    "MASSIVE_COLUMNS", "massive_entries", "find_massive_activations", "stable_massive_channels",
+    "ResidualProfile", "residual_profile",
+    "head_frame", "qkv_geometry", "value_weighted_attention",
+    "QKMassiveValues", "qk_massive_values", "rotary_pairs",
+    "ScanResult", "scan", "scan_corpus",
+]

@@ -1,0 +1,57 @@
+"""What every measurement shares: the massive-activation columns, per-query weights, and the
+sink score of one key (alpha)."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from sinkinterp._batches import (
+    Batch,
+)
+from sinkinterp.backends import Model
+from sinkinterp.errors import SinkInterpError
+
+MASSIVE_COLUMNS = ["layer", "seq", "position", "channel", "value", "ratio_to_median", "token"]
+
+
+def token_text(model: Model, token_id: int) -> str:
+    tokenizer = getattr(model, "tokenizer", None)
+    return str(token_id) if tokenizer is None else tokenizer.decode([token_id])
+
+
+
+
+def check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise SinkInterpError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def query_weights(batch: Batch, device, window: int | None = None) -> Float[Tensor, "batch pos"]:
+    """Weights that average over a row's real queries i >= 1 (each row sums to 1); with a sliding
+    ``window``, over the queries 1 <= i < window that can still see the first token."""
+    valid = batch.valid().to(device)
+    valid[:, 0] = False
+    if window is not None:
+        valid[:, window:] = False
+    return valid.double() / valid.sum(dim=1).clamp(min=1).double()[:, None]
+
+
+def seen_counts(lengths: Tensor, n_pos: int, window: int | None) -> Int[Tensor, "batch key"]:
+    """How many real queries of each row can see key k: i in k..length-1, and i - k < window."""
+    keys = torch.arange(n_pos, device=lengths.device)
+    last = lengths[:, None] if window is None else torch.minimum(lengths[:, None], keys + window)
+    return (last - keys).clamp(min=0)
+
+
+def alpha_at(pattern: Float[Tensor, "batch head query key"], key: int, window: int | None = None
+             ) -> Float[Tensor, "batch head"]:
+    """Gu et al.'s sink score of one key on one unpadded batch: the mean of ``pattern[..., key]``
+    over the queries that can see it (i >= key, and i - key < window in a sliding-window layer)."""
+    n_pos = pattern.shape[-1]
+    count = seen_counts(torch.tensor([n_pos]), n_pos, window)[0, key].clamp(min=1)
+    return pattern[..., key].double().sum(dim=-1) / count
+
+
