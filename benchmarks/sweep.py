@@ -77,11 +77,11 @@ def main() -> int:
 
     model(tokens[:1, :8])  # warm-up
     start = time.perf_counter()
-    fast = fast_sweep(model, tokens, variants, loss_from=args.loss_from, metrics=metrics,
+    fast = fast_sweep(model, tokens, variants, from_query=args.loss_from, metrics=metrics,
                       batch_size=args.n_seqs, max_rows=args.max_rows)
     fast_s = time.perf_counter() - start
     start = time.perf_counter()
-    naive = naive_sweep(model, tokens, variants, loss_from=args.loss_from, metrics=metrics, batch_size=args.n_seqs)
+    naive = naive_sweep(model, tokens, variants, from_query=args.loss_from, metrics=metrics, batch_size=args.n_seqs)
     naive_s = time.perf_counter() - start
 
     diff = max(float((f[k] - n[k]).abs().max()) for f, n in zip(fast, naive) for k in metrics)

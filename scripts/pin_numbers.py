@@ -124,6 +124,21 @@ def measure_all(label, model, tokens, from_query):
                                                       from_query=from_query).to_dict())
 
 
+def new_spellings(value):
+    """An experiment record from before the spec renames (loss_from -> from_query, a condition's
+    first_token -> replace_first_token), in the new spelling: the numbers are what is compared.
+    The spec's fingerprint (a hash of its canonical JSON) is left out: renaming a key changes it."""
+    if isinstance(value, dict) and isinstance(value.get("spec"), dict):
+        value = {k: v for k, v in value.items() if k != "fingerprint"}
+        spec = dict(value["spec"])
+        if "loss_from" in spec:
+            spec["from_query"] = spec.pop("loss_from")
+        spec["conditions"] = [{("replace_first_token" if k == "first_token" else k): v for k, v in c.items()}
+                              for c in spec.get("conditions", [])]
+        value = {**value, "spec": spec}
+    return value
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -150,8 +165,9 @@ def main():
     Path(args.out).write_text(json.dumps(OUT, indent=1, sort_keys=True))
     print(f"{len(OUT)} items -> {args.out}")
     if args.compare:
-        old = json.loads(Path(args.compare).read_text())
-        moved = [k for k in sorted(set(old) | set(OUT)) if old.get(k) != OUT.get(k)]
+        old = {k: new_spellings(v) for k, v in json.loads(Path(args.compare).read_text()).items()}
+        new = {k: new_spellings(v) for k, v in OUT.items()}
+        moved = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         for k in moved:
             print("MOVED:", k)
         print(f"{len(moved)} of {len(old)} items moved")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -15,6 +16,7 @@ from sinkinterp._io import (
     atomic_write_json,
     check_writable_file,
     check_writable_folder,
+    slug,
 )
 from sinkinterp._yaml import load_yaml
 from sinkinterp.backends import Model
@@ -232,7 +234,31 @@ def _override(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def load_plugin(path) -> None:
+    """Import a Python file that registers interventions, metrics, measurements or head scorers
+    (``sinkinterp run SPEC --plugin FILE``): it runs once, under a module name of its own."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise SinkInterpError(f"--plugin {str(path)!r} is not a Python file")
+    name = f"sinkinterp_plugin_{slug(path.stem).replace('-', '_')}"
+    if name in sys.modules:
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SinkInterpError:
+        del sys.modules[name]
+        raise
+    except Exception as e:
+        del sys.modules[name]
+        raise SinkInterpError(f"--plugin {str(path)!r} failed to import: {type(e).__name__}: {e}") from None
+
+
 def _run(args) -> int:
+    for plugin in args.plugin or ():
+        load_plugin(plugin)
     if args.list:
         for name, path in builtin_specs().items():
             spec = load_spec(path)
@@ -509,6 +535,8 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-seqs", type=int, help="override data.n_seqs (evaluation sequences)")
     parser.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
                         help="override any spec key, e.g. --set data.seq_len=64 (repeatable)")
+    parser.add_argument("--plugin", action="append", metavar="FILE.py",
+                        help="import a Python file first: it may register intervention types and metrics the spec uses")
     parser.add_argument("--resume", action="store_true", help="continue a run in --out, skipping finished conditions")
     _add_figures_arg(parser, "the report's figures and intervention_effects.png")
 

@@ -54,7 +54,7 @@ def test_evaluate_gives_the_runners_numbers(llama):
     spec = ExperimentSpec.from_dict({
         "name": "e", "model": "tiny-llama", "seed": 0,
         "data": {"source": "random", "seq_len": 32, "n_seqs": 6, "n_calibration": 3},
-        "loss_from": 8, "metrics": ["loss", "kl", "accuracy"],
+        "from_query": 8, "metrics": ["loss", "kl", "accuracy"],
         "conditions": [{"name": "mask", "interventions": [{"type": "MaskSinkKey", "from_query": 8}]}],
         "bootstrap": {"n_resamples": 200},
     })

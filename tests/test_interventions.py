@@ -418,7 +418,7 @@ def test_hooks_also_work_with_run_with_hooks(llama, tokens):
         (lambda m: ConstantAttentionBias(logit=0.0, layers=[1], value=torch.zeros(2, 6, 8)), "expected (1, 6, 8)"),
         (lambda m: ReplaceSinkKey(key=torch.zeros(2, 2, 8), heads=[0, 1]), "heads (0, 1) split kv group 0 (query heads [0, 1, 2])"),
         (lambda m: AblateSinkValue(mode="mean", value=torch.zeros(2, 6, 7)), "AblateSinkValue value has shape (2, 6, 7), expected (2, 6, 8)"),
-        (lambda m: PatchFirstTokenResidual(source=torch.zeros(2, 1, 40)), "patch source has shape (2, 1, 40), expected (2, rows, 48)"),
+        (lambda m: PatchFirstTokenResidual(source=torch.zeros(2, 1, 40)), "PatchFirstTokenResidual source has shape (2, 1, 40), expected (2, rows, 48)"),
     ],
 )
 def test_values_that_do_not_fit_the_model_are_refused(llama, build, message):

@@ -41,7 +41,7 @@ SPEC = {
     "name": "tiny",
     "model": "tiny-llama",
     "data": {"source": "random", "seq_len": 32, "n_seqs": 6, "n_calibration": 3, "batch_size": 4},
-    "loss_from": 8,
+    "from_query": 8,
     "eps": 0.05,
     "metrics": ["loss", "kl", "accuracy", "sink_ratio"],
     "measurements": ["value_weighted"],
@@ -51,7 +51,7 @@ SPEC = {
         {"name": "slot", "repairs": "mask",
          "interventions": [{"type": "ConstantAttentionBias", "from_query": 8, "fit": {"method": "gradient", "steps": 3}}]},
         {"name": "other first", "interventions": [{"type": "PatchFirstTokenResidual", "fit": {"source": "other"}}]},
-        {"name": "random first", "first_token": "random"},
+        {"name": "random first", "replace_first_token": "random"},
         {"name": "control", "control_for": "mask",
          "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
         {"name": "massive", "interventions": [{"type": "EditMassiveChannels", "channels": [3], "mode": "mean",
@@ -277,14 +277,14 @@ def test_fast_sweep_matches_one_full_forward_per_variant(builder):
     metrics = ("loss", "kl", "accuracy")
     for interventions, kind in cases:
         variants = sweep_variants(model, interventions, kind)
-        fast = fast_sweep(model, tokens, variants, loss_from=8, metrics=metrics, batch_size=4, max_rows=12)
-        naive = naive_sweep(model, tokens, variants, loss_from=8, metrics=metrics, batch_size=4)
+        fast = fast_sweep(model, tokens, variants, from_query=8, metrics=metrics, batch_size=4, max_rows=12)
+        naive = naive_sweep(model, tokens, variants, from_query=8, metrics=metrics, batch_size=4)
         for f, n in zip(fast, naive):
             for name in metrics:
                 torch.testing.assert_close(f[name], n[name], rtol=0, atol=1e-5)
         assert max(float(r["kl"].max()) for r in fast) > 1e-4  # the interventions did something
         # loss only (what experiments' sweeps ask for): the clean pass stops at the last start layer
-        loss_only = fast_sweep(model, tokens, variants, loss_from=8, metrics=("loss",), batch_size=4, max_rows=12)
+        loss_only = fast_sweep(model, tokens, variants, from_query=8, metrics=("loss",), batch_size=4, max_rows=12)
         for f, n in zip(loss_only, naive):
             torch.testing.assert_close(f["loss"], n["loss"], rtol=0, atol=1e-5)
 
@@ -410,7 +410,7 @@ def test_a_random_control_is_several_draws_reported_as_a_distribution(tmp_path):
             {"name": "mask", "interventions": [{"type": "MaskSinkKey", "from_query": 8}]},
             {"name": "control", "control_for": "mask", "draws": 5,
              "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
-            {"name": "random first", "first_token": "random", "draws": 3},
+            {"name": "random first", "replace_first_token": "random", "draws": 3},
         ],
         "criteria": [{"hypothesis": "h", "kind": "exceeds_control", "condition": "mask", "threshold": 0.0}],
     })
@@ -470,8 +470,8 @@ def test_from_layer_patches_the_layers_of_the_model_that_runs(tmp_path):
      r"3 draws of a condition with no random choice would be identical"),
     ({"name": "d", "draws": 8, "interventions": [{"type": "MaskSinkKey", "from_query": 8, "fit": {"position": "random"}}]},
      r"8 draws of distinct key positions in 1..7: at most 7"),
-    ({"name": "d", "draws": 0, "first_token": "random"}, r"draws: must be >= 1, got 0"),
-    ({"name": "d", "draws": 2, "sweep": "layers", "first_token": "random"}, r"a sweep cannot also be drawn"),
+    ({"name": "d", "draws": 0, "replace_first_token": "random"}, r"draws: must be >= 1, got 0"),
+    ({"name": "d", "draws": 2, "sweep": "layers", "replace_first_token": "random"}, r"a sweep cannot also be drawn"),
 ])
 def test_bad_draws_are_refused(condition, message):
     with pytest.raises(SinkInterpError, match=message):

@@ -13,7 +13,7 @@ BASE = {
     "name": "t",
     "model": "tiny-llama",
     "data": {"source": "random", "seq_len": 24, "n_seqs": 4, "n_calibration": 2},
-    "loss_from": 4,
+    "from_query": 4,
     "conditions": [
         {"name": "mask", "interventions": [{"type": "MaskSinkKey", "from_query": 4}]},
         {"name": "slot", "repairs": "mask",
@@ -98,7 +98,7 @@ def test_bad_specs_name_the_key(changes, message):
     ({"data__n_calibration": 0}, r"spec.data.n_calibration: is 0 but spec.conditions\[1\] \('slot'\).interventions\[0\] "
                                  r"is fitted on the calibration split"),
     ({"data__n_seqs": 1}, r"spec.data.n_seqs: must be >= 2, got 1"),
-    ({"loss_from": 23}, r"spec.loss_from: 23 leaves no scored query in sequences of 24 tokens: allowed 0..22"),
+    ({"from_query": 23}, r"spec.from_query: 23 leaves no scored query in sequences of 24 tokens: allowed 0..22"),
     ({"conditions__1__interventions__0__fit": {"method": "gradient"}, "data__n_calibration": 1},
      r"spec.data.n_calibration: is 1 but spec.conditions\[1\] \('slot'\).interventions\[0\] fits by gradient on the "
      r"calibration split less 1 validation sequence\(s\): use n_calibration >= 2"),
@@ -160,3 +160,38 @@ def test_spec_dataclasses_are_frozen():
     spec = ExperimentSpec.from_dict(BASE)
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.seed = 3
+
+
+def test_old_spellings_are_read_with_a_warning_naming_the_new_one():
+    """One name per concept: loss_from is from_query (as in interventions and evaluate), and a
+    condition's first-token swap is replace_first_token (data.first_token is what sequences start with)."""
+    new = ExperimentSpec.from_dict(spec_with(conditions__0__replace_first_token="random"))
+    old_record = spec_with(conditions__0__replace_first_token="random")
+    old_record["loss_from"] = old_record.pop("from_query")
+    old_record["conditions"][0]["first_token"] = old_record["conditions"][0].pop("replace_first_token")
+    with pytest.warns(DeprecationWarning) as caught:
+        old = ExperimentSpec.from_dict(old_record)
+    messages = [str(w.message) for w in caught]
+    assert any("'loss_from' is now spelt 'from_query'" in m for m in messages)
+    assert any("'first_token' is now spelt 'replace_first_token'" in m for m in messages)
+    assert old == new and old.fingerprint() == new.fingerprint()
+    with pytest.warns(DeprecationWarning, match="'loss_from' is now spelt 'from_query'"):
+        assert new.loss_from == new.from_query == 4
+    with pytest.warns(DeprecationWarning, match="'first_token' is now spelt 'replace_first_token'"):
+        assert new.conditions[0].first_token == "random"
+    with pytest.warns(DeprecationWarning, match="'loss_from' is now spelt 'from_query'"):
+        assert new.with_overrides({"loss_from": 6}).from_query == 6
+    both = spec_with()
+    both["loss_from"] = 4
+    with pytest.raises(SinkInterpError, match=r"spec: give 'from_query' \(the new name of 'loss_from'\), not both"):
+        ExperimentSpec.from_dict(both)
+
+
+def test_a_record_without_the_fit_its_arrays_need_is_refused_when_read():
+    """ReplaceSinkKey without fit: used to pass validation and fail mid-run with a shape error."""
+    record = spec_with(conditions__0__interventions=[{"type": "ReplaceSinkKey"}])
+    with pytest.raises(SinkInterpError, match=r"ReplaceSinkKey stores arrays that only a fit makes: give it a fit: "
+                                              r"block \(fit: \{\} for the defaults; options: mode\)"):
+        ExperimentSpec.from_dict(record)
+    record = spec_with(conditions__0__interventions=[{"type": "AblateSinkValue", "from_query": 4, "fit": {}}])
+    assert ExperimentSpec.from_dict(record)  # an empty fit block: the defaults (mode mean)

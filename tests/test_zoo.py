@@ -75,7 +75,7 @@ def test_spec_refuses_an_unfired_hook_before_any_forward_pass(family, tmp_path):
     spec = ExperimentSpec.from_dict({
         "name": "resid-mid", "model": "tiny-llama",
         "data": {"source": "random", "seq_len": 16, "n_seqs": 2, "n_calibration": 1},
-        "loss_from": 4,
+        "from_query": 4,
         "conditions": [{"name": "patch mid", "interventions": [
             {"type": "PatchFirstTokenResidual", "hook": "resid_mid", "fit": {"source": "mean"}}]}],
     })

@@ -302,8 +302,8 @@ def check_fast_sweep(model, family):
     """The fast sweep (resuming at each layer, variants stacked) equals one full forward per variant."""
     tokens = random_tokens(model, 3, N_POS, seed=13)
     variants = sweep_variants(model, [EditMassiveChannels(channels=(1, 3), mode="scale", factor=0.0)], "layers")
-    fast = fast_sweep(model, tokens, variants, loss_from=2, metrics=("loss", "kl"), batch_size=2, max_rows=4)
-    naive = naive_sweep(model, tokens, variants, loss_from=2, metrics=("loss", "kl"), batch_size=2)
+    fast = fast_sweep(model, tokens, variants, from_query=2, metrics=("loss", "kl"), batch_size=2, max_rows=4)
+    naive = naive_sweep(model, tokens, variants, from_query=2, metrics=("loss", "kl"), batch_size=2)
     for f, n in zip(fast, naive):
         for name in ("loss", "kl"):
             _close(f[name], n[name], 1e-5, f"fast vs naive {name}")

@@ -22,6 +22,7 @@ from sinkinterp._io import (
     slug,
 )
 from sinkinterp.data import describe_sampling
+from sinkinterp.evaluate import METRICS
 from sinkinterp.experiments.spec import CRITERION_KINDS, Criterion, ExperimentSpec
 from sinkinterp.figures import figure_png, new_subplots
 from sinkinterp.stats import Estimate, bootstrap_statistic
@@ -139,7 +140,7 @@ def _criterion_estimate(stats: _Stats, criterion: Criterion, by_name: dict, meas
 
 def _worst_draw(stats: _Stats, draws: list[dict], metric: str) -> dict:
     """The draw whose mean ``metric`` moved most in the damaging direction (up; down for accuracy)."""
-    sign = -1.0 if metric == "accuracy" else 1.0
+    sign = -1.0 if METRICS[metric].higher_is_better else 1.0
     return max(draws, key=lambda d: sign * float(_statistic(metric, stats.spec.eps)(
         _series(d["per_sequence"], metric)[None])[0]))
 
@@ -288,7 +289,7 @@ def format_report(results: dict[str, Any]) -> str:
         + (f" (the model's: `{resolved}`)" if (resolved := prov.get("bos_policy", {}).get("first_token_resolved",
                                                                                              data["first_token"]))
            != data["first_token"] else ""),
-        f"- metrics over query positions i >= {spec['loss_from']} (predicting token i + 1); "
+        f"- metrics over query positions i >= {spec['from_query']} (predicting token i + 1); "
         f"{confidence:.0%} intervals: percentile bootstrap over sequences, {spec['bootstrap']['n_resamples']} "
         f"resamples, seed {spec['seed']}, paired across conditions",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()),
@@ -296,7 +297,7 @@ def format_report(results: dict[str, Any]) -> str:
         f"- spec fingerprint `{results['fingerprint'][:16]}`", "",
     ]
     metrics = spec["metrics"]
-    lines += ["## Conditions", "", "| condition | " + " | ".join(_LABELS[m] for m in metrics)
+    lines += ["## Conditions", "", "| condition | " + " | ".join(_LABELS.get(m, m) for m in metrics)
               + " | Δ loss vs clean | recovery / control |",
               "|---" * (len(metrics) + 3) + "|"]
     clean = results["clean"]["metrics"]
@@ -398,7 +399,7 @@ def figures(results: dict[str, Any]) -> dict[str, bytes]:
                     ax.plot(spread, [row] * len(spread), "|", color="grey", ms=9, alpha=0.8)
             ax.axvline(0, color="grey", lw=0.8, ls="--")
             ax.set_yticks(y, names)
-            ax.set_xlabel(f"Δ {_LABELS[metric]} vs clean, paired ({results['spec']['bootstrap']['confidence']:.0%} CI)")
+            ax.set_xlabel(f"Δ {_LABELS.get(metric, metric)} vs clean, paired ({results['spec']['bootstrap']['confidence']:.0%} CI)")
         fig.suptitle(results["spec"]["name"])
         out["conditions.png"] = figure_png(fig)
     for c in results["conditions"]:

@@ -11,7 +11,6 @@ from those files, so a resumed run and an uninterrupted one give the same number
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,7 +26,7 @@ from sinkinterp._io import (
     slug,
     write_record,
 )
-from sinkinterp.backends import Model, attention_windows
+from sinkinterp.backends import Model
 from sinkinterp.data import (
     allowed_ids,
     corpus_documents,
@@ -37,31 +36,20 @@ from sinkinterp.data import (
     resolve_token,
 )
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.evaluate import log_probs, token_metrics
+from sinkinterp.evaluate import METRICS, Evaluator
 from sinkinterp.experiments.report import assemble, write_outputs
 from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
 from sinkinterp.experiments.sweep import fast_sweep, sweep_variants
 from sinkinterp.interventions import (
     INTERVENTIONS,
     Intervention,
-    PatchFirstTokenResidual,
-    fit_constant_bias,
-    intervene,
+    PerSequencePatch,
 )
-from sinkinterp.measure import alpha_at, value_weighted_attention
+from sinkinterp.measure import MEASUREMENTS
 from sinkinterp.models import load_model
 from sinkinterp.provenance import describe_model, git_commit, package_versions
-from sinkinterp.sites import (
-    check_head_pairs,
-    resolve_heads,
-    resolve_layers,
-    select_indices,
-)
 
 __all__ = ["run_experiment", "Prepared"]
-
-#: Above this many bytes the clean log-probabilities (for KL) are recomputed per batch, not kept.
-CLEAN_CACHE_LIMIT = 2 * 1024**3
 
 
 def condition_file(out: Path, index: int, condition: ConditionSpec) -> Path:
@@ -84,33 +72,16 @@ def check_against_model(spec: ExperimentSpec, model: Model) -> None:
                               f"need a tokenizer, and {cfg.model_name} has none: use source 'random'")
 
     for i, condition in enumerate(spec.conditions):
-        if condition.first_token not in (None, "random"):
+        if condition.replace_first_token not in (None, "random"):
             try:
-                resolve_token(model, condition.first_token)
+                resolve_token(model, condition.replace_first_token)
             except SinkInterpError as e:
-                raise SinkInterpError(f"spec.conditions[{i}] ({condition.name!r}).first_token: {e}") from None
+                raise SinkInterpError(f"spec.conditions[{i}] ({condition.name!r}).replace_first_token: {e}") from None
         for j, record in enumerate(condition.interventions):
             where = f"spec.conditions[{i}] ({condition.name!r}).interventions[{j}]"
             try:
-                source = (record.get("fit") or {}).get("source")
-                if record["type"] == "PatchFirstTokenResidual" and source not in (None, "mean", "other"):
-                    resolve_token(model, source)
-                from_layer = (record.get("fit") or {}).get("from_layer")
-                if from_layer is not None and from_layer >= cfg.n_layers:
-                    raise SinkInterpError(f"fit from_layer {from_layer}: the model has {cfg.n_layers} layers "
-                                          f"(0..{cfg.n_layers - 1})")
-                layers = record.get("layers")
-                if not isinstance(layers, str):  # 'first' / 'all' (a fitted massive edit): checked with the spec
-                    resolve_layers(model, layers)
-                if record["type"] == "AblateHeads":
-                    check_head_pairs(model, record.get("heads", ()))
-                elif "heads" in record:
-                    resolve_heads(model, record.get("heads"))
-                if record.get("channels") is not None:
-                    select_indices("channel", record["channels"], cfg.d_model, "residual channels")
-                # Can this model's hook points carry it (an edit that reaches the output, a hook that fires)?
-                INTERVENTIONS[record["type"]].check_model(model, {**record, **(record.get("fit") or {})},
-                                                          where=record["type"])
+                # Its layers, heads and fit options on this model, and whether its hook points carry it.
+                INTERVENTIONS[record["type"]].check_record(model, record)
             except SinkInterpError as e:
                 raise SinkInterpError(f"{where}: {e}") from None
 
@@ -151,161 +122,41 @@ def _data(model: Model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str,
 # Fitting interventions on the calibration split
 
 
-class _PerBatch:
-    """An intervention built per evaluation mini-batch: each sequence gets another input's
-    first-token residual (calibration sequence ``row % n_calibration``)."""
-
-    def __init__(self, record: dict, calibration: Tensor):
-        self.record, self.calibration = record, calibration
-
-    def build(self, model: Model, rows: Tensor) -> Intervention:
-        source = self.calibration[rows % self.calibration.shape[0], :2]
-        return PatchFirstTokenResidual.fit(model, source, layers=self.record.get("layers"),
-                                           hook=self.record.get("hook", "resid_pre"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.record, "fit": {"source": "other"},
-                "resolved": "per sequence: calibration sequence (row % n_calibration)'s first-token residual"}
-
-
 def _fit(model: Model, record: dict, calibration: Tensor, seed: int, draw: int = 0,
-         n_draws: int = 1) -> Intervention | _PerBatch:
-    """The intervention ``record`` describes, fitted on ``calibration``. Random choices are draw
-    ``draw`` of ``n_draws`` (distinct key positions across draws; channels drawn with seed + draw)."""
-    kind, fit = record["type"], record.get("fit")
-    plain = {k: v for k, v in record.items() if k not in ("type", "fit")}
-
-    def given(*keys: str) -> dict[str, Any]:
-        """The record's own values for these fields, to pass on to the fit."""
-        return {k: plain[k] for k in keys if k in plain}
-
-    if fit is None:
+         n_draws: int = 1) -> Intervention | PerSequencePatch:
+    """The intervention ``record`` describes, fitted on ``calibration`` by its own type (random
+    choices are draw ``draw`` of ``n_draws``)."""
+    if record.get("fit") is None:
         return Intervention.from_dict(record)
-    cls = INTERVENTIONS[kind]
-    if kind == "MaskSinkKey":
-        from_query = plain.get("from_query", 16)
-        low = fit.get("low", 1)
-        if fit.get("position") != "random" or not 0 <= low < from_query:
-            raise SinkInterpError(f"MaskSinkKey fit needs position: random and 0 <= low < from_query, got {fit}")
-        positions = random.Random(seed).sample(range(low, from_query), n_draws)  # distinct across draws
-        return cls(**{**plain, "position": positions[draw]})
-    if kind == "AblateSinkValue":
-        mode = fit.get("mode", "mean")
-        source = calibration if mode == "mean" else calibration[:1]
-        return cls.fit(model, source, mode=mode, **given("layers", "heads", "position", "from_query"))
-    if kind == "ReplaceSinkKey":
-        mode = fit.get("mode", "mean_other")
-        source = calibration if mode == "mean_other" else calibration[:1]
-        return cls.fit(model, source, mode=mode, **given("layers", "heads", "position"))
-    if kind == "EditMassiveChannels":
-        edit = cls.fit(model, calibration, min_fraction=fit.get("min_fraction", 0.5),
-                       **given("channels", "positions", "layers", "mode", "factor"))
-        if fit.get("control") == "random":
-            edit = edit.random_control(model, calibration, seed=seed + draw, pool=fit.get("pool", 10))
-        elif fit.get("control") is not None:
-            raise SinkInterpError(f"EditMassiveChannels fit control {fit['control']!r} is not 'random' or null")
-        return edit
-    if kind == "PatchFirstTokenResidual":
-        source = fit.get("source", "mean")
-        if "from_layer" in fit:  # layers from_layer..n_layers-1 of this model (checked against it first)
-            plain = {**plain, "layers": list(range(fit["from_layer"], model.cfg.n_layers))}
-        if source == "other":
-            return _PerBatch(plain, calibration)
-        options = {k: plain[k] for k in ("layers", "hook", "position") if k in plain}
-        if source == "mean":
-            return cls.fit(model, "mean", reference=calibration, **options)
-        return cls.fit(model, source, **options)
-    if kind == "ConstantAttentionBias":
-        options = given("layers", "heads", "position", "from_query")
-        options.update({k: fit[k] for k in ("steps", "lr", "batch_size", "with_value", "patience") if k in fit})
-        method = fit.get("method", "moments")
-        if method == "gradient":
-            # Fit on the calibration split less its last sequences, stop on those, score on evaluation.
-            held = fit.get("validation", max(1, calibration.shape[0] // 4))
-            return fit_constant_bias(model, calibration[:-held], method=method, seed=seed,
-                                     validation=calibration[-held:], **options)
-        return fit_constant_bias(model, calibration, method=method, seed=seed, **options)
-    if kind == "AblateHeads":
-        if fit.get("mode", "mean") != "mean":
-            raise SinkInterpError(f"AblateHeads fit mode {fit['mode']!r} is not 'mean'")
-        return cls.fit(model, calibration, **given("heads", "from_query"))
-    raise SinkInterpError(f"{kind} cannot be fitted")
+    fields = {k: v for k, v in record.items() if k not in ("type", "fit")}
+    return INTERVENTIONS[record["type"]].fit_spec(model, calibration, seed=seed, draw=draw, n_draws=n_draws,
+                                                  fields=fields, options=record["fit"])
 
 
 # --------------------------------------------------------------------------------------------
 # Forward passes
 
 
-class _Evaluator:
-    """Runs the evaluation tokens under a set of hooks and returns per-sequence metrics."""
+class _Evaluator(Evaluator):
+    """The evaluation engine on a spec's evaluation tokens; the clean run records alpha, and sweeps
+    go through the fast sweep."""
 
     def __init__(self, model: Model, spec: ExperimentSpec, tokens: Tensor):
-        self.model, self.spec, self.tokens = model, spec, tokens
-        self.metrics = spec.metrics
-        size = tokens.shape[0] * (tokens.shape[1] - 1 - spec.loss_from) * model.cfg.d_vocab * 4
-        self.keep_clean = "kl" in self.metrics and size <= CLEAN_CACHE_LIMIT
-        self.clean_logprobs: dict[int, Tensor] = {}
-
-    def batches(self):
-        size = self.spec.data.batch_size
-        for begin in range(0, self.tokens.shape[0], size):
-            yield begin, torch.arange(begin, min(begin + size, self.tokens.shape[0]))
-
-    def _clean_lp(self, begin: int, batch: Tensor) -> Tensor | None:
-        if "kl" not in self.metrics:
-            return None
-        if begin in self.clean_logprobs:
-            return self.clean_logprobs[begin]
-        return log_probs(self.model(batch)[:, self.spec.loss_from:-1])
-
-    def _alpha_hooks(self, kept: dict[int, Tensor]):
-        """Hooks that keep alpha at k = 0 ([batch head]) per layer, read after the interventions."""
-        windows = attention_windows(self.model)
-
-        def keeper(layer: int):
-            def keep(pattern, hook):
-                kept[layer] = alpha_at(pattern, 0, windows[layer]).cpu()
-            return keep
-
-        return [(f"blocks.{l}.attn.hook_pattern", keeper(l)) for l in range(self.model.cfg.n_layers)]
+        super().__init__(model, tokens, metrics=spec.metrics, from_query=spec.from_query,
+                         batch_size=spec.data.batch_size,
+                         alpha=any(METRICS[m].from_alpha for m in spec.metrics))
+        self.spec = spec
 
     def run(self, interventions: list, first_token: Tensor | None = None, clean: bool = False) -> dict[str, Tensor]:
-        out: dict[str, list[Tensor]] = {}
-        alpha: list[Tensor] = []
-        want_alpha = any(m.startswith("sink_ratio") for m in self.metrics) or clean
-        with torch.inference_mode():
-            for begin, rows in self.batches():
-                batch = self.tokens[rows]
-                clean_lp = None if clean else self._clean_lp(begin, batch)
-                if first_token is not None:
-                    batch = batch.clone()
-                    batch[:, 0] = first_token[rows]
-                built = [iv.build(self.model, rows) if hasattr(iv, "build") else iv for iv in interventions]
-                kept: dict[int, Tensor] = {}
-                with intervene(self.model, *built):
-                    logits = self.model.run_with_hooks(
-                        batch, return_type="logits", fwd_hooks=self._alpha_hooks(kept) if want_alpha else [])
-                if want_alpha:
-                    alpha.append(torch.stack([kept[l] for l in range(self.model.cfg.n_layers)], dim=1))
-                logits = logits[:, self.spec.loss_from:-1]
-                if clean and "kl" in self.metrics:
-                    clean_lp = log_probs(logits)
-                    if self.keep_clean:
-                        self.clean_logprobs[begin] = clean_lp
-                for name, value in token_metrics(logits, self.tokens[rows], self.spec.loss_from, self.metrics,
-                                                 clean_lp).items():
-                    out.setdefault(name, []).append(value)
-        result = {name: torch.cat(parts) for name, parts in out.items()}
-        if want_alpha:
-            result["alpha_first"] = torch.cat(alpha)  # [seq layer head]
-        return result
+        return super().run(interventions, first_token=first_token, clean=clean,
+                           record_alpha=self.alpha or clean)
 
     def sweep(self, interventions: list, kind: str, progress: bool) -> tuple[list, list[dict[str, Tensor]]]:
         if any(hasattr(iv, "build") for iv in interventions):
             raise SinkInterpError("a sweep cannot use per-sequence patch sources (fit source 'other')")
         variants = sweep_variants(self.model, interventions, kind)
         metrics = ("loss",)  # a sweep reports the per-layer (per-head) loss effect
-        options = dict(loss_from=self.spec.loss_from, metrics=metrics, batch_size=self.spec.data.batch_size,
+        options = dict(from_query=self.spec.from_query, metrics=metrics, batch_size=self.spec.data.batch_size,
                        progress=progress)
         results = fast_sweep(self.model, self.tokens, variants, max_rows=self.spec.sweep_rows, **options)
         return variants, results
@@ -489,8 +340,8 @@ def _run_draw(run: Prepared, condition: ConditionSpec, draw: int) -> dict[str, A
                      for record in condition.interventions]
     entry: dict[str, Any] = {"interventions": [iv.to_dict() for iv in interventions]}
     first_token = None
-    if condition.first_token is not None:
-        first_token = _first_tokens(model, condition.first_token, run.evaluation.shape[0], spec.seed + draw)
+    if condition.replace_first_token is not None:
+        first_token = _first_tokens(model, condition.replace_first_token, run.evaluation.shape[0], spec.seed + draw)
         entry["first_tokens"] = first_token.tolist()
     entry["per_sequence"] = _lists(run.evaluator.run(interventions, first_token))
     return entry
@@ -513,33 +364,11 @@ def _measurements(run: Prepared, clean: dict, out: Path | None, fingerprint: str
         log(f"[{run.spec.name}] measurements: done earlier, reusing {path.name}")
         return done["measurements"]
     measured = {}
-    if "value_weighted" in run.spec.measurements:
-        log(f"[{run.spec.name}] value-weighted sink shares, one sequence at a time")
-        measured["value_weighted"] = _value_weighted(run, clean)
+    alpha_first = torch.tensor(clean["alpha_first"])
+    for name in run.spec.measurements:
+        measurement = MEASUREMENTS[name]
+        log(f"[{run.spec.name}] {measurement.description}")
+        measured[name] = measurement.compute(run.model, run.evaluation, alpha_first=alpha_first, eps=run.spec.eps)
     if path is not None:
         measured = write_record(path, {"fingerprint": fingerprint, "measurements": measured})["measurements"]
     return measured
-
-
-def _value_weighted(run: Prepared, clean: dict) -> dict[str, Any]:
-    """Per sequence: attention share and value-weighted norm share of the sink, averaged over the
-    sink heads (clean alpha at the first token > eps); plus the per-head means."""
-    alpha = torch.tensor(clean["alpha_first"]).mean(dim=0)  # [layer head]
-    sink_heads = [(l, h) for l, h in zip(*torch.nonzero(alpha > run.spec.eps, as_tuple=True))]
-    sink_heads = [(int(l), int(h)) for l, h in sink_heads]
-    if not sink_heads:
-        raise SinkInterpError(f"no head has a clean sink score above eps = {run.spec.eps}: nothing to measure")
-    per_sequence: dict[str, list[float]] = {"attn_sink_share": [], "norm_sink_share": [], "no_op_gap": []}
-    frames = []
-    for row in range(run.evaluation.shape[0]):
-        frame = value_weighted_attention(run.model, run.evaluation[row:row + 1], progress=False)
-        frames.append(frame)
-        chosen = frame.set_index(["layer", "head"]).loc[sink_heads]
-        for key in per_sequence:
-            per_sequence[key].append(float(chosen[key].mean()))
-    import pandas as pd
-
-    heads = pd.concat(frames).groupby(["layer", "head"], as_index=False)[
-        ["attn_sink_share", "norm_sink_share", "no_op_gap"]].mean()
-    return {"sink_heads": [list(h) for h in sink_heads], "per_sequence": per_sequence,
-            "per_head": heads.to_dict(orient="records")}

@@ -18,22 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from sinkinterp._deprecated import renamed_option
 from sinkinterp._yaml import check_finite, read_yaml_file
 from sinkinterp.data import SAMPLING
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.interventions import INTERVENTIONS, Intervention
+from sinkinterp.evaluate import METRICS
+from sinkinterp.interventions import INTERVENTIONS, Intervention, SpecContext
+from sinkinterp.measure import MEASUREMENTS
 from sinkinterp.stats import MAX_RESAMPLES
 
 __all__ = [
     "ExperimentSpec", "DataSpec", "ConditionSpec", "Criterion", "BootstrapSpec",
-    "load_spec", "builtin_specs", "METRICS", "CRITERION_KINDS", "FIT_OPTIONS",
+    "load_spec", "builtin_specs", "METRICS", "CRITERION_KINDS", "fit_options",
 ]
 
 SPEC_DIR = Path(__file__).with_name("specs")
 
-#: Per-sequence metrics a runner can compute; the first is always computed.
-METRICS = ("loss", "kl", "accuracy", "sink_ratio", "sink_ratio_of_mean")
-MEASUREMENTS = ("value_weighted",)
 SWEEPS = ("layers", "heads")
 DATA_SOURCES = ("corpus", "random")
 
@@ -47,23 +47,6 @@ CRITERION_KINDS = {
     "ratio_below": "delta(condition) / delta(other) < threshold",
     "measurement_above": "a measured quantity > threshold",
 }
-
-#: The ``fit`` options each intervention type accepts (resolved by the runner on calibration data).
-FIT_OPTIONS: dict[str, dict[str, str]] = {
-    "MaskSinkKey": {"position": "'random': a seeded random key position in [low, from_query)", "low": "int"},
-    "AblateSinkValue": {"mode": "'mean' (over calibration) or 'patch' (first calibration sequence)"},
-    "ReplaceSinkKey": {"mode": "'mean_other' or 'patch' (first calibration sequence)"},
-    "EditMassiveChannels": {"min_fraction": "float in (0, 1]", "control": "'random' or null", "pool": "int"},
-    "PatchFirstTokenResidual": {"source": "'mean', 'other' (each sequence gets another input's), or a token",
-                                "from_layer": "int: patch layers from_layer.. of the model (instead of layers)"},
-    "ConstantAttentionBias": {"method": "'moments' or 'gradient'", "steps": "int (at most)", "lr": "float",
-                              "batch_size": "int", "with_value": "bool",
-                              "validation": "int: calibration sequences held out to stop a gradient fit "
-                                            "(default a quarter, at least 1)",
-                              "patience": "int: steps without a better validation loss before stopping (default 5)"},
-    "AblateHeads": {"mode": "'mean' (each head's output averaged over the calibration split)"},
-}
-
 
 @dataclass(frozen=True)
 class DataSpec:
@@ -89,7 +72,9 @@ class ConditionSpec:
 
     name: str
     interventions: tuple[dict, ...] = ()
-    first_token: Union[str, int, None] = None  # replace each evaluation sequence's first token: 'random' or a token
+    # Replace each evaluation sequence's first token: 'random' or a token (data.first_token, by contrast,
+    # is the token every sequence starts with; this swaps it for another after the data are built).
+    replace_first_token: Union[str, int, None] = None
     repairs: Union[str, None] = None  # the broken condition this one repairs (recovery fraction)
     control_for: Union[str, None] = None  # the condition this one controls for
     sweep: Union[str, None] = None  # 'layers' or 'heads': one variant per layer / (layer, head)
@@ -97,6 +82,12 @@ class ConditionSpec:
     # tokens) run this many times with different draws; it is reported as a distribution.
     draws: int = 1
     description: str = ""
+
+    @property
+    def first_token(self):
+        """Deprecated: a condition's first-token swap is ``replace_first_token``."""
+        renamed_option("ConditionSpec", "first_token", "replace_first_token")
+        return self.replace_first_token
 
 
 @dataclass(frozen=True)
@@ -127,7 +118,7 @@ class ExperimentSpec:
     backend: str = "auto"
     seed: int = 0
     data: DataSpec = field(default_factory=DataSpec)
-    loss_from: int = 16  # metrics use query positions i >= loss_from (predicting token i + 1)
+    from_query: int = 16  # metrics use query positions i >= from_query (predicting token i + 1)
     eps: float = 0.3  # sink threshold for the sink_ratio metric and for choosing sink heads
     metrics: tuple[str, ...] = ("loss", "kl", "accuracy")
     measurements: tuple[str, ...] = ()
@@ -144,10 +135,16 @@ class ExperimentSpec:
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @property
+    def loss_from(self) -> int:
+        """Deprecated: the query cut is called ``from_query`` everywhere."""
+        renamed_option("ExperimentSpec", "loss_from", "from_query")
+        return self.from_query
+
     @classmethod
     def from_dict(cls, record: Any) -> ExperimentSpec:
         check_finite(record, "spec")
-        spec = _build(cls, record, "spec")
+        spec = _build(cls, _new_spellings(record), "spec")
         _validate(spec)
         return spec
 
@@ -156,6 +153,7 @@ class ExperimentSpec:
         list items by index: ``"conditions.2.interventions.0.fit.steps"``."""
         record = self.to_dict()
         for key, value in overrides.items():
+            key = _new_key(key)
             target: Any = record
             parts = key.split(".")
             for depth, part in enumerate(parts):
@@ -172,6 +170,50 @@ class ExperimentSpec:
                 else:
                     target = target[part]
         return ExperimentSpec.from_dict(record)
+
+
+# --------------------------------------------------------------------------------------------
+# Old spellings, accepted with a DeprecationWarning
+
+#: Old spec keys -> their one name now: the query cut is ``from_query`` everywhere (interventions,
+#: evaluate, sweeps); a condition's first-token swap is ``replace_first_token`` (``data.first_token``
+#: is the token sequences are built with).
+RENAMED_KEYS = {"loss_from": "from_query"}
+RENAMED_CONDITION_KEYS = {"first_token": "replace_first_token"}
+
+
+def _renamed(record: dict, renames: dict[str, str], where: str) -> dict:
+    out = dict(record)
+    for old, new in renames.items():
+        if old in out:
+            if new in out:
+                raise SinkInterpError(f"{where}: give {new!r} (the new name of {old!r}), not both")
+            renamed_option(where, old, new, stacklevel=5)
+            out[new] = out.pop(old)
+    return out
+
+
+def _new_spellings(record: Any) -> Any:
+    if not isinstance(record, dict):
+        return record
+    record = _renamed(record, RENAMED_KEYS, "spec")
+    conditions = record.get("conditions")
+    if isinstance(conditions, list):
+        record["conditions"] = [_renamed(c, RENAMED_CONDITION_KEYS, f"spec.conditions[{i}]") if isinstance(c, dict)
+                                else c for i, c in enumerate(conditions)]
+    return record
+
+
+def _new_key(key: str) -> str:
+    """An override's dotted key in the new spelling (``loss_from`` -> ``from_query``, ...)."""
+    parts = key.split(".")
+    if parts[0] in RENAMED_KEYS:
+        renamed_option("override", parts[0], RENAMED_KEYS[parts[0]], stacklevel=4)
+        parts[0] = RENAMED_KEYS[parts[0]]
+    if len(parts) == 3 and parts[0] == "conditions" and parts[2] in RENAMED_CONDITION_KEYS:
+        renamed_option("override", parts[2], RENAMED_CONDITION_KEYS[parts[2]], stacklevel=4)
+        parts[2] = RENAMED_CONDITION_KEYS[parts[2]]
+    return ".".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,8 +308,8 @@ def _validate(spec: ExperimentSpec) -> None:
     for where, seed in (("spec.seed", spec.seed), ("spec.data.seed", data.seed)):
         if not 0 <= seed <= 2**63 - 1:
             _fail(where, f"{seed} is outside 0..2**63-1")
-    if not 0 <= spec.loss_from < data.seq_len - 1:
-        _fail("spec.loss_from", f"{spec.loss_from} leaves no scored query in sequences of {data.seq_len} "
+    if not 0 <= spec.from_query < data.seq_len - 1:
+        _fail("spec.from_query", f"{spec.from_query} leaves no scored query in sequences of {data.seq_len} "
               f"tokens: allowed 0..{data.seq_len - 2}")
     if not 0 < spec.eps < 1:
         _fail("spec.eps", f"{spec.eps} is outside (0, 1)")
@@ -278,7 +320,7 @@ def _validate(spec: ExperimentSpec) -> None:
         _fail("spec.metrics", "must include 'loss' (deltas, recovery and verdicts are computed on it)")
     for i, name in enumerate(spec.measurements):
         if name not in MEASUREMENTS:
-            _fail(f"spec.measurements[{i}]", f"unknown measurement {name!r}; allowed: {', '.join(MEASUREMENTS)}")
+            _fail(f"spec.measurements[{i}]", f"unknown measurement {name!r}; allowed: {', '.join(sorted(MEASUREMENTS))}")
     if not 100 <= spec.bootstrap.n_resamples <= MAX_RESAMPLES:
         _fail("spec.bootstrap.n_resamples", f"must be in 100..{MAX_RESAMPLES}, got {spec.bootstrap.n_resamples}")
     if not 0 < spec.bootstrap.confidence < 1:
@@ -294,8 +336,8 @@ def _validate(spec: ExperimentSpec) -> None:
             _fail(path, "a condition needs a name other than 'clean' (the clean run is always included)")
         if names.count(condition.name) > 1:
             _fail(path, "duplicate condition name")
-        if not condition.interventions and condition.first_token is None:
-            _fail(path, "has no interventions and no first_token: it would equal the clean run")
+        if not condition.interventions and condition.replace_first_token is None:
+            _fail(path, "has no interventions and no replace_first_token: it would equal the clean run")
         for key in ("repairs", "control_for"):
             target = getattr(condition, key)
             if target is not None and (target not in names or target == condition.name):
@@ -305,14 +347,14 @@ def _validate(spec: ExperimentSpec) -> None:
             _fail(f"{path}.draws", f"{condition.draws} is more than {MAX_DRAWS} (each draw is a full evaluation)")
         if condition.draws > 1 and not _is_random(condition):
             _fail(f"{path}.draws", f"{condition.draws} draws of a condition with no random choice would be identical: "
-                  "draws need first_token: random, a MaskSinkKey fit with position: random, or an "
+                  "draws need replace_first_token: random, a MaskSinkKey fit with position: random, or an "
                   "EditMassiveChannels fit with control: random")
         if condition.sweep is not None:
             if condition.draws > 1:
                 _fail(f"{path}.draws", "a sweep cannot also be drawn several times")
             if condition.sweep not in SWEEPS:
                 _fail(f"{path}.sweep", f"{condition.sweep!r} is not one of {SWEEPS}")
-            if condition.first_token is not None:
+            if condition.replace_first_token is not None:
                 _fail(f"{path}.sweep", "a sweep varies interventions by layer; it cannot replace the first token")
         for j, record in enumerate(condition.interventions):
             where = f"{path}.interventions[{j}]"
@@ -326,48 +368,39 @@ def _validate(spec: ExperimentSpec) -> None:
                 _fail(where, f"{kind} has no field {unknown[0]!r}; its fields: {', '.join(sorted(allowed))}, fit")
             fit = record.get("fit")
             plain = {k: v for k, v in record.items() if k != "fit"}
+            fields = {k: v for k, v in plain.items() if k != "type"}
+            context = SpecContext(where=where, condition=path, n_calibration=data.n_calibration,
+                                  draws=condition.draws, fail=_fail)
             if fit is None:
+                if cls.NEEDS_FIT:
+                    _fail(where, f"{kind} stores arrays that only a fit makes: give it a fit: block "
+                          f"(fit: {{}} for the defaults; options: {', '.join(cls.FIT_OPTIONS) or 'none'})")
                 _intervention_from_dict(plain, where)
                 _check_positions(plain, data.seq_len, where)
+                cls.check_spec(fields, None, context)
                 continue
             if not isinstance(fit, dict):
                 _fail(f"{where}.fit", f"expected a mapping of fit options, got {fit!r}")
-            options = FIT_OPTIONS[kind]
+            options = cls.FIT_OPTIONS
+            if not options:
+                _fail(f"{where}.fit", f"{kind} takes no fit: block (it has no fit options)")
             bad = sorted(set(fit) - set(options))
             if bad:
                 _fail(f"{where}.fit", f"unknown option {bad[0]!r} for {kind}; allowed: "
-                      + "; ".join(f"{k} ({v})" for k, v in options.items()))
+                      + "; ".join(f"{k} ({v.allowed})" for k, v in options.items()))
             for key, value in fit.items():
-                check = _FIT_CHECKS.get((kind, key))
-                if check is not None and not check(value):
-                    _fail(f"{where}.fit.{key}", f"{value!r} is not {options[key]}")
+                if not options[key].check(value):
+                    _fail(f"{where}.fit.{key}", f"{value!r} is not {options[key].allowed}")
             _check_positions(plain, data.seq_len, where)
-            if kind == "MaskSinkKey" and fit.get("position") == "random":
-                low, high = fit.get("low", 1), plain.get("from_query", 16)
-                if condition.draws > high - low:
-                    _fail(f"{path}.draws", f"{condition.draws} draws of distinct key positions in {low}..{high - 1}: "
-                          f"at most {max(high - low, 0)}")
-            if isinstance(plain.get("layers"), str) and not (kind == "EditMassiveChannels" and plain["layers"] in ("first", "all")):
-                _fail(f"{where}.layers", f"{plain['layers']!r}: give layer numbers (a fitted EditMassiveChannels also "
-                      "takes 'first', the first massive layer, its default, or 'all')")
-            if kind == "ConstantAttentionBias" and fit.get("method") == "gradient":
-                held = fit.get("validation", max(1, data.n_calibration // 4))
-                if data.n_calibration < held + 1:
-                    _fail("spec.data.n_calibration", f"is {data.n_calibration} but {where} fits by gradient on the "
-                          f"calibration split less {held} validation sequence(s): use n_calibration >= {held + 1}")
-            elif kind == "PatchFirstTokenResidual" and "from_layer" in fit and "layers" in plain:
-                _fail(f"{where}.fit.from_layer", "give layers or fit.from_layer, not both")
-            elif kind == "ConstantAttentionBias" and ("validation" in fit or "patience" in fit):
-                _fail(f"{where}.fit", "validation and patience stop a gradient fit: they need method 'gradient'")
-            token_patch = kind == "PatchFirstTokenResidual" and fit.get("source") not in ("mean", "other")
-            if kind != "MaskSinkKey" and not token_patch:
+            cls.check_spec(fields, fit, context)
+            if cls.fit_needs_calibration(fit):
                 needs_calibration.append(where)
     if needs_calibration and data.n_calibration < 1:
         _fail("spec.data.n_calibration", f"is 0 but {needs_calibration[0]} is fitted on the calibration split: "
               "use n_calibration >= 1")
-    if data.source == "random" and any(c.first_token not in (None, "random") and not isinstance(c.first_token, int)
+    if data.source == "random" and any(c.replace_first_token not in (None, "random") and not isinstance(c.replace_first_token, int)
                                        for c in spec.conditions):
-        _fail("spec.conditions", "a token string as first_token needs a tokenizer; random data may have none")
+        _fail("spec.conditions", "a token string as replace_first_token needs a tokenizer; random data may have none")
 
     for i, criterion in enumerate(spec.criteria):
         _validate_criterion(spec, criterion, f"spec.criteria[{i}]", names)
@@ -378,44 +411,14 @@ MAX_DRAWS = 100
 
 def _is_random(condition: ConditionSpec) -> bool:
     """Whether the condition makes a seeded random choice (so several draws differ)."""
-    if condition.first_token == "random":
+    if condition.replace_first_token == "random":
         return True
     for record in condition.interventions:
         fit = record.get("fit") if isinstance(record, dict) else None
-        if isinstance(fit, dict) and (fit.get("position") == "random" or fit.get("control") == "random"):
+        cls = INTERVENTIONS.get(record.get("type")) if isinstance(record, dict) else None
+        if isinstance(fit, dict) and cls is not None and cls.fit_is_random(fit):
             return True
     return False
-
-
-def _is_int(low):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _is_number(low, high, open_low: bool = True):
-    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
-                      and (low < v if open_low else low <= v) and v <= high)
-
-
-# The type of each fit option, checked when the spec is read (not partway through a run).
-_FIT_CHECKS = {
-    ("MaskSinkKey", "position"): lambda v: v == "random",
-    ("MaskSinkKey", "low"): _is_int(0),
-    ("AblateSinkValue", "mode"): lambda v: v in ("mean", "patch"),
-    ("ReplaceSinkKey", "mode"): lambda v: v in ("mean_other", "patch"),
-    ("EditMassiveChannels", "min_fraction"): _is_number(0, 1),
-    ("EditMassiveChannels", "control"): lambda v: v in ("random", None),
-    ("EditMassiveChannels", "pool"): _is_int(1),
-    ("PatchFirstTokenResidual", "source"): lambda v: isinstance(v, (str, int)) and not isinstance(v, bool),
-    ("PatchFirstTokenResidual", "from_layer"): _is_int(0),
-    ("ConstantAttentionBias", "method"): lambda v: v in ("moments", "gradient"),
-    ("ConstantAttentionBias", "steps"): _is_int(1),
-    ("ConstantAttentionBias", "lr"): _is_number(0, 10),
-    ("ConstantAttentionBias", "batch_size"): _is_int(1),
-    ("ConstantAttentionBias", "with_value"): lambda v: isinstance(v, bool),
-    ("ConstantAttentionBias", "validation"): _is_int(1),
-    ("ConstantAttentionBias", "patience"): _is_int(1),
-    ("AblateHeads", "mode"): lambda v: v == "mean",
-}
 
 
 def _intervention_from_dict(record: dict, where: str):
@@ -479,3 +482,10 @@ def load_spec(spec_or_name: str | Path, overrides: dict[str, Any] | None = None)
         )
     spec = ExperimentSpec.from_dict(read_yaml_file(path))
     return spec.with_overrides(overrides) if overrides else spec
+
+
+def fit_options() -> dict[str, dict[str, str]]:
+    """The ``fit:`` options of every registered intervention type that takes them: type ->
+    option -> what it allows."""
+    return {name: {key: option.allowed for key, option in cls.FIT_OPTIONS.items()}
+            for name, cls in sorted(INTERVENTIONS.items()) if cls.FIT_OPTIONS}

@@ -19,23 +19,16 @@ import torch
 from torch import Tensor
 
 from sinkinterp._batches import progress_bar
+from sinkinterp._deprecated import renamed_option
 from sinkinterp.backends import Model, capabilities, final_logits, resume
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.evaluate import log_probs, token_metrics
-from sinkinterp.interventions import Hook, Intervention, intervene
-from sinkinterp.sites import resolve_heads, resolve_layers
+from sinkinterp.evaluate import Evaluator, log_probs, token_metrics
+from sinkinterp.interventions import Hook, Intervention
 
 __all__ = ["sweep_variants", "restrict", "fast_sweep", "naive_sweep", "Variant"]
 
 #: Largest logits tensor the fast sweep builds at once (several stacked variants per unembedding).
 UNEMBED_BYTES = 1024**3
-
-# Stored per-layer arrays (first axis over the selected layers) and per-head arrays (second axis
-# over the selected heads), by intervention type: what restrict() slices.
-_PER_LAYER = {"AblateSinkValue": ("value",), "ReplaceSinkKey": ("key",), "EditMassiveChannels": ("values",),
-              "PatchFirstTokenResidual": ("source",), "ConstantAttentionBias": ("logit", "value")}
-_PER_HEAD = {"AblateSinkValue": ("value",), "ConstantAttentionBias": ("logit", "value"), "MaskSinkKey": ()}
-
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -51,34 +44,9 @@ class Variant:
 
 
 def restrict(intervention: Intervention, model: Model, layer: int, head: int | None = None) -> Intervention | None:
-    """The same intervention acting on one layer (and one head) only, with its stored arrays
-    sliced to match; None if it does not act on that layer / head."""
-    kind = type(intervention).__name__
-    if not hasattr(intervention, "layers"):
-        raise SinkInterpError(f"{kind} names its own heads and cannot be swept by layer or head")
-    layers = resolve_layers(model, intervention.layers)
-    if layer not in layers:
-        return None
-    i = layers.index(layer)
-    changes = {"layers": (layer,)}
-    for name in _PER_LAYER.get(kind, ()):
-        value = getattr(intervention, name)
-        if isinstance(value, tuple) and value:
-            changes[name] = (value[i],)
-    if head is not None:
-        if kind not in _PER_HEAD:
-            raise SinkInterpError(f"a head sweep cannot restrict {kind} to one head: "
-                                  f"sweep 'layers' instead (heads can be swept for {', '.join(sorted(_PER_HEAD))})")
-        heads = resolve_heads(model, intervention.heads)
-        if head not in heads:
-            return None
-        j = heads.index(head)
-        changes["heads"] = (head,)
-        for name in _PER_HEAD[kind]:
-            value = changes.get(name, getattr(intervention, name))
-            if isinstance(value, tuple) and value:
-                changes[name] = tuple((row[j],) for row in value)
-    return dataclasses.replace(intervention, **changes)
+    """``intervention`` at one layer (and head), or None if it does not act there: its stored
+    arrays are sliced along the axes its type declares (``Intervention.restrict``)."""
+    return intervention.restrict(model, layer, head)
 
 
 def sweep_variants(model: Model, interventions: Iterable[Intervention], sweep: str) -> list[Variant]:
@@ -117,11 +85,13 @@ def _stacked(hook_lists: list[list[Hook]], rows: int) -> list[Hook]:
     return [(name, make(entries)) for name, entries in by_name.items()]
 
 
-def fast_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
-               batch_size: int = 8, max_rows: int = 64, progress: bool = False) -> list[dict[str, Tensor]]:
+def fast_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, from_query: int | None = None,
+               metrics=("loss",), batch_size: int = 8, max_rows: int = 64, progress: bool = False,
+               loss_from: int | None = None) -> list[dict[str, Tensor]]:
     """Per-variant per-sequence metrics, starting each variant at its layer from the cached clean
     residual where the model can resume there (else from the tokens), with variants of one layer
-    stacked up to ``max_rows`` rows per forward."""
+    stacked up to ``max_rows`` rows per forward. ``loss_from`` is the old name of ``from_query``."""
+    loss_from = _from_query("fast_sweep", from_query, loss_from)
     tqdm = progress_bar()
     resumable = capabilities(model).start_at_layer_skips_earlier_layers
     starts = sorted({v.layer for v in variants})
@@ -180,22 +150,27 @@ def fast_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, loss_fr
     return [{name: torch.cat(parts) for name, parts in r.items()} for r in results]
 
 
-def naive_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, loss_from: int, metrics=("loss",),
-                batch_size: int = 8, progress: bool = False) -> list[dict[str, Tensor]]:
-    """The reference: one full forward per variant and mini-batch."""
+def naive_sweep(model: Model, tokens: Tensor, variants: list[Variant], *, from_query: int | None = None,
+                metrics=("loss",), batch_size: int = 8, progress: bool = False,
+                loss_from: int | None = None) -> list[dict[str, Tensor]]:
+    """The reference: one full forward per variant and mini-batch, through the evaluation engine
+    (:class:`~sinkinterp.evaluate.Evaluator`), as :func:`~sinkinterp.evaluate` computes it."""
+    from_query = _from_query("naive_sweep", from_query, loss_from)
+    engine = Evaluator(model, tokens, metrics=metrics, from_query=from_query, batch_size=batch_size)
+    if "kl" in metrics:
+        engine.run((), clean=True)  # the KL reference, kept per batch when it fits
     tqdm = progress_bar()
+    return [engine.run(variant.interventions) for variant in tqdm(variants, desc="naive sweep", disable=not progress,
+                                                                   leave=False)]
 
-    results: list[dict[str, list[Tensor]]] = [{} for _ in variants]
-    with torch.inference_mode():
-        for begin in range(0, tokens.shape[0], batch_size):
-            batch = tokens[begin:begin + batch_size]
-            clean_lp = None
-            if "kl" in metrics:
-                clean_lp = log_probs(model(batch)[:, loss_from:-1])
-            for i, variant in enumerate(tqdm(variants, desc="naive sweep", disable=not progress, leave=False)):
-                with intervene(model, *variant.interventions):
-                    logits = model(batch)[:, loss_from:-1]
-                for name, value in token_metrics(logits, batch, loss_from, metrics, clean_lp).items():
-                    results[i].setdefault(name, []).append(value)
-    return [{name: torch.cat(parts) for name, parts in r.items()} for r in results]
 
+def _from_query(owner: str, from_query: int | None, loss_from: int | None) -> int:
+    if loss_from is not None:
+        renamed_option(owner, "loss_from", "from_query", stacklevel=4)
+        if from_query is not None and from_query != loss_from:
+            raise SinkInterpError(f"{owner}: from_query {from_query} and loss_from {loss_from} disagree (one name "
+                                  "for the query cut: from_query)")
+        from_query = loss_from
+    if from_query is None:
+        raise SinkInterpError(f"{owner} needs from_query (the first scored query)")
+    return from_query

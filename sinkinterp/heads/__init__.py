@@ -38,12 +38,21 @@ from sinkinterp.heads.copying import (
     ov_copying_scores,
 )
 from sinkinterp.heads.recall import greedy_recall
-from sinkinterp.heads.scores import SCORERS, RepeatedTokens, Scorer, head_scores
+from sinkinterp.heads.scores import (
+    SCORERS,
+    PatternReducer,
+    RepeatedTokens,
+    Scorer,
+    head_scores,
+    register_scorer,
+)
 from sinkinterp.heads.validate import METRIC_NAMES, HeadValidation, validate_heads
 
 __all__ = [
     "Scorer",
     "SCORERS",
+    "register_scorer",
+    "PatternReducer",
     "DEFAULT_THRESHOLDS",
     "MIN_NON_SINK_MASS",
     "RepeatedTokens",

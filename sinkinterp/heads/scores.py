@@ -78,7 +78,7 @@ def make_repeated(model: Model, n_seqs: int, half_len: int, seed: int) -> Repeat
 # Reducers: hooks on hook_pattern that keep per-head sums
 
 
-class _PatternReducer(Reducer):
+class PatternReducer(Reducer):
     """Per-head running sums of a numerator and a denominator; the score is their ratio."""
 
     def __init__(self, model: Model):
@@ -121,7 +121,7 @@ class _PatternReducer(Reducer):
         return out
 
 
-class _TargetReducer(_PatternReducer):
+class _TargetReducer(PatternReducer):
     """Attention from each scored query to one target key, over its non-sink attention."""
 
     def __init__(self, model: Model, queries: Tensor, targets: Tensor):
@@ -141,7 +141,7 @@ class _TargetReducer(_PatternReducer):
         return pattern.shape[0] * self.queries.numel()
 
 
-class _DetectHeadReducer(_PatternReducer):
+class _DetectHeadReducer(PatternReducer):
     """TransformerLens ``detect_head(model, seq, "<kind>_head")`` at its defaults (``error_measure=
     "mul"``, nothing excluded), one sequence at a time: ``sum(A * P) / sum(A)`` over the whole
     [query, key] pattern, with P the detection pattern built from the sequence's tokens; averaged
@@ -173,34 +173,34 @@ class _DetectHeadReducer(_PatternReducer):
         return per_seq.sum(dim=0), torch.full_like(per_seq[0], n), per_seq.sum(dim=0), n
 
 
-def _previous_token(model: Model, data: RepeatedTokens) -> _PatternReducer:
+def _previous_token(model: Model, data: RepeatedTokens) -> PatternReducer:
     queries = torch.arange(1, data.tokens.shape[1])
     return _TargetReducer(model, queries, queries - 1)
 
 
-def _previous_token_text(model: Model, data: Tensor) -> _PatternReducer:
+def _previous_token_text(model: Model, data: Tensor) -> PatternReducer:
     queries = torch.arange(1, data.shape[1])
     return _TargetReducer(model, queries, queries - 1)
 
 
-def _duplicate(model: Model, data: RepeatedTokens) -> _PatternReducer:
+def _duplicate(model: Model, data: RepeatedTokens) -> PatternReducer:
     queries = data.second_half()
     return _TargetReducer(model, queries, queries - data.half_len)
 
 
-def _induction(model: Model, data: RepeatedTokens) -> _PatternReducer:
+def _induction(model: Model, data: RepeatedTokens) -> PatternReducer:
     queries = data.second_half()
     return _TargetReducer(model, queries, queries - data.half_len + 1)
 
 
-class _SinkReducer(_PatternReducer):
+class _SinkReducer(PatternReducer):
     def reduce(self, pattern):
         alpha = alpha_at(pattern, 0, self.window)  # [batch head]: mean over the queries that see key 0
         n = pattern.shape[0]
         return alpha.sum(dim=0), torch.full_like(alpha[0], n), alpha.sum(dim=0), n
 
 
-class _DistanceReducer(_PatternReducer):
+class _DistanceReducer(PatternReducer):
     def __init__(self, model: Model, data: Tensor):
         super().__init__(model)
         n_pos = data.shape[1]
@@ -220,7 +220,7 @@ class _DistanceReducer(_PatternReducer):
         return num.sum(dim=0), den.sum(dim=0), raw.sum(dim=0), pattern.shape[0]
 
 
-class _RecallReducer(_PatternReducer):
+class _RecallReducer(PatternReducer):
     """Teacher-forced retrieval score: per prompt, the share of needle tokens whose reproduction
     step's top-1 key is a needle position holding that token; averaged over prompts."""
 
@@ -263,36 +263,50 @@ class Scorer:
 
     name: str
     data: str
-    make: Callable[[Any, Any], _PatternReducer] = field(repr=False)
+    make: Callable[[Any, Any], PatternReducer] = field(repr=False)
     label: str | None = None
     description: str = ""
     has_raw: bool = False
 
 
+#: Every head score by name: what ``classify_heads(scorers=...)`` and ``head_scores`` accept.
 SCORERS: dict[str, Scorer] = {}
 
 
-def _register(scorer: Scorer) -> Scorer:
+def register_scorer(scorer: Scorer) -> Scorer:
+    """Add a head score. Its ``make(model, data)`` returns a :class:`PatternReducer` that reduces
+    each layer's pattern to per-head sums; its ``data`` is one of ``"repeated"``, ``"text"``,
+    ``"needle"``. A second scorer of the same name is refused."""
+    if not isinstance(scorer, Scorer):
+        raise SinkInterpError(f"register_scorer takes a Scorer, got {type(scorer).__name__}")
+    if scorer.data not in SCORER_DATA:
+        raise SinkInterpError(f"scorer {scorer.name!r} reads data {scorer.data!r}: use one of {', '.join(SCORER_DATA)}")
+    if scorer.name in SCORERS:
+        raise SinkInterpError(f"a head scorer named {scorer.name!r} is already registered: give yours another name")
     SCORERS[scorer.name] = scorer
     return scorer
 
 
-_register(Scorer("previous_token", "repeated", _previous_token, "previous-token",
+#: The data sets a scorer can read.
+SCORER_DATA = ("repeated", "text", "needle")
+
+
+register_scorer(Scorer("previous_token", "repeated", _previous_token, "previous-token",
                  "A[i, i-1] over non-sink attention, queries i >= 2", has_raw=True))
-_register(Scorer("duplicate", "repeated", _duplicate, "duplicate",
+register_scorer(Scorer("duplicate", "repeated", _duplicate, "duplicate",
                  "second half: A[i, i-n] over non-sink attention", has_raw=True))
-_register(Scorer("induction", "repeated", _induction, "induction",
+register_scorer(Scorer("induction", "repeated", _induction, "induction",
                  "second half: A[i, i-n+1] over non-sink attention", has_raw=True))
-_register(Scorer("previous_token_text", "text", _previous_token_text, None,
+register_scorer(Scorer("previous_token_text", "text", _previous_token_text, None,
                  "A[i, i-1] over non-sink attention on corpus text, queries i >= 2", has_raw=True))
 for _kind, _name in (("previous_token", "previous_token"), ("duplicate_token", "duplicate"), ("induction", "induction")):
-    _register(Scorer(f"{_name}_tl", "repeated", lambda model, data, kind=_kind: _DetectHeadReducer(model, kind), None,
+    register_scorer(Scorer(f"{_name}_tl", "repeated", lambda model, data, kind=_kind: _DetectHeadReducer(model, kind), None,
                      f"TransformerLens detect_head(..., '{_kind}_head') at its defaults, per sequence, averaged"))
-_register(Scorer("recall", "needle", _RecallReducer, "recall",
+register_scorer(Scorer("recall", "needle", _RecallReducer, "recall",
                  "teacher-forced: share of needle tokens copied with the top-1 key on them (Wu et al.)"))
-_register(Scorer("sink", "text", lambda model, data: _SinkReducer(model), "sink",
+register_scorer(Scorer("sink", "text", lambda model, data: _SinkReducer(model), "sink",
                  "alpha[l, h, 0] = mean_i A[i, 0] on corpus text"))
-_register(Scorer("distance", "text", _DistanceReducer, None,
+register_scorer(Scorer("distance", "text", _DistanceReducer, None,
                  "mean (i - j) / (i - 1) over non-sink keys j >= 1, on corpus text"))
 
 

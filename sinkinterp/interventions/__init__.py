@@ -14,14 +14,21 @@ except :class:`ReplaceSinkKey`, which changes a key and so needs whole groups.
 """
 
 # In dependency order: base (values, checks, the registry, intervene) and capture, then one module per
-# family of types, then the fitting of the explicit slot.
+# family of types (each with its own fit).
 from sinkinterp.interventions.ablate_heads import AblateHeads
-from sinkinterp.interventions.base import INTERVENTIONS, Hook, Intervention, intervene
-from sinkinterp.interventions.fitting import fit_constant_bias
+from sinkinterp.interventions.base import (
+    INTERVENTIONS,
+    FitOption,
+    Hook,
+    Intervention,
+    SpecContext,
+    intervene,
+    register_intervention,
+)
 from sinkinterp.interventions.keys import MaskSinkKey, ReplaceSinkKey
 from sinkinterp.interventions.massive import EditMassiveChannels
-from sinkinterp.interventions.residual import PatchFirstTokenResidual
-from sinkinterp.interventions.slot import ConstantAttentionBias
+from sinkinterp.interventions.residual import PatchFirstTokenResidual, PerSequencePatch
+from sinkinterp.interventions.slot import ConstantAttentionBias, fit_constant_bias
 from sinkinterp.interventions.values import AblateSinkValue
 
 __all__ = [
@@ -31,10 +38,14 @@ __all__ = [
     "ReplaceSinkKey",
     "EditMassiveChannels",
     "PatchFirstTokenResidual",
+    "PerSequencePatch",
     "ConstantAttentionBias",
     "AblateHeads",
     "fit_constant_bias",
     "intervene",
     "INTERVENTIONS",
+    "register_intervention",
+    "FitOption",
+    "SpecContext",
     "Hook",
 ]

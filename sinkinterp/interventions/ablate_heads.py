@@ -13,14 +13,16 @@ from sinkinterp._batches import check_int, check_tokens
 from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions.base import (
+    FitOption,
     Hook,
     Intervention,
     NumbersLike,
     as_tensor,
     check_mode,
     check_seq,
-    check_shape,
     frozen_tensor,
+    one_of,
+    pick,
     refuse_empty,
 )
 from sinkinterp.interventions.capture import capture
@@ -28,10 +30,6 @@ from sinkinterp.sites import check_head_pairs, head_pairs
 
 # --------------------------------------------------------------------------------------------
 # 7. Ablate whole heads (for validating head classes)
-
-
-
-
 
 
 @dataclass(frozen=True, repr=False)
@@ -47,6 +45,10 @@ class AblateHeads(Intervention):
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_z",)
+    ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {"value": ("pair", "d_head")}
+    FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
+        "mode": FitOption("'mean' (each head's output averaged over the calibration split)", one_of("mean")),
+    }
 
     heads: Any = ()
     mode: str = "mean"
@@ -81,11 +83,25 @@ class AblateHeads(Intervention):
         value = torch.stack([z[layers.index(layer), head] for layer, head in pairs]) if pairs else None
         return cls(heads=pairs, mode="mean", from_query=from_query, value=value)
 
+    @classmethod
+    def fit_spec(cls, model: Model, calibration: Tensor, *, seed: int = 0, draw: int = 0, n_draws: int = 1,
+                 fields: dict[str, Any], options: dict[str, Any]) -> AblateHeads:
+        if options.get("mode", "mean") != "mean":
+            raise SinkInterpError(f"AblateHeads fit mode {options['mode']!r} is not 'mean'")
+        return cls.fit(model, calibration, **pick(fields, "heads", "from_query"))
+
+    @classmethod
+    def check_record(cls, model: Model, record: dict[str, Any]) -> None:
+        check_head_pairs(model, record.get("heads", ()))
+        cls.check_model(model, {**record, **(record.get("fit") or {})}, where=record["type"])
+
+    def restrict(self, model: Model, layer: int, head: int | None = None) -> Intervention | None:
+        raise SinkInterpError("AblateHeads names its own heads and cannot be swept by layer or head")
+
     def hooks(self, model: Model) -> list[Hook]:
         pairs = check_head_pairs(model, self.heads)
         self.check_model(model, vars(self))
-        if self.value is not None:
-            check_shape("AblateHeads value", self.value, (len(pairs), model.cfg.d_head))
+        self.check_arrays(model, pair=len(pairs))
         value = None if self.value is None else as_tensor(self.value)
         by_layer: dict[int, list[int]] = {}
         for index, (layer, _) in enumerate(pairs):

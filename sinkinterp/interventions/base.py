@@ -6,7 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from sinkinterp.backends import Model, require
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.sites import Heads, is_head_site, resolve_heads, resolve_layers
 
 # --------------------------------------------------------------------------------------------
 # Values: nested tuples of floats (hashable, comparable, JSON-ready) <-> tensors
@@ -84,10 +85,6 @@ def check_seq(position: int, n_pos: int, what: str, from_query: int | None = Non
             f"query and leave the output exactly clean; use from_query < {n_pos} or longer inputs")
 
 
-def check_shape(label: str, value, expected: tuple[int, ...]) -> None:
-    got = shape_of(value)
-    if got != expected:
-        raise SinkInterpError(f"{label} has shape {got}, expected {expected}")
 
 
 def ints_or_none(label: str, values) -> tuple[int, ...] | None:
@@ -124,10 +121,66 @@ Hook = tuple[str, Callable]
 # them into tuples, with a SinkInterpError naming the bad value.
 IntsLike = Any
 NumbersLike = Any
+#: Every intervention type by name: what specs, ``Intervention.from_dict`` and the CLI accept.
+#: Subclasses register themselves when they are defined (:func:`register_intervention`).
 INTERVENTIONS: dict[str, type[Intervention]] = {}
 
 
+def register_intervention(cls: type[Intervention]) -> type[Intervention]:
+    """Register ``cls`` under its class name; refuse a second, different type of the same name.
 
+    Defining a subclass of :class:`Intervention` calls this; defining the same class again (a
+    re-run notebook cell: same module and qualified name) replaces the old definition.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Intervention)):
+        raise SinkInterpError(f"register_intervention takes an Intervention subclass, got {cls!r}")
+    old = INTERVENTIONS.get(cls.__name__)
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise SinkInterpError(f"an intervention type named {cls.__name__!r} is already registered "
+                              f"({old.__module__}.{old.__qualname__}): give {cls.__module__}.{cls.__qualname__} "
+                              "another name")
+    INTERVENTIONS[cls.__name__] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class FitOption:
+    """One option of a spec's ``fit:`` block: what it allows (for messages) and a check of a value."""
+
+    allowed: str
+    check: Callable[[Any], bool] = field(default=lambda value: True, compare=False)
+
+
+def pick(fields: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The record's own values for these fields, to pass on to a fit."""
+    return {name: fields[name] for name in names if name in fields}
+
+
+def is_int(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def is_number(low: float | int, high: float | int, open_low: bool = True) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool)
+                      and (low < v if open_low else low <= v) and v <= high)
+
+
+def one_of(*allowed) -> Callable[[Any], bool]:
+    return lambda v: any(v == a and type(v) is type(a) for a in allowed)
+
+
+@dataclass(frozen=True)
+class SpecContext:
+    """Where a spec record sits, for the checks a type makes when the spec is read."""
+
+    where: str
+    """The record's path, e.g. ``spec.conditions[2] ('slot').interventions[0]``."""
+    condition: str
+    """The condition's path (``spec.conditions[2] ('slot')``)."""
+    n_calibration: int
+    draws: int
+    fail: Callable[[str, str], None]
+    """``fail(path, message)`` raises the spec error."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,14 +189,127 @@ INTERVENTIONS: dict[str, type[Intervention]] = {}
 
 @dataclass(frozen=True)
 class Intervention:
-    """Base class: a value that compiles to forward hooks. Subclasses register by name."""
+    """Base class: a value that compiles to forward hooks.
+
+    A subclass describes itself, so that specs, sweeps and the runner need no per-type code:
+
+    - ``NEEDS``: what the model's hook points must do (``backends.require``);
+    - ``ARRAY_AXES``: each stored array's axes, outermost first (``"layer"`` over the chosen
+      layers, ``"head"`` over the chosen heads, ``"kv_head"``, ``"d_head"``, ``"d_model"``, and
+      free axes such as ``"rows"``): shapes are checked and sweeps restrict arrays from it;
+    - ``HEAD_SWEEP``: whether a sweep may restrict it to one head;
+    - ``FIT_OPTIONS`` and :meth:`fit_spec`: what a spec's ``fit:`` block may say and how the
+      runner fits it on the calibration split (an empty ``FIT_OPTIONS``: it takes no ``fit:``);
+    - ``NEEDS_FIT``: stored arrays that only a fit makes (a spec record must then say ``fit:``);
+    - :meth:`check_spec` and :meth:`check_record`: its checks when a spec is read, and against the
+      model before any forward pass.
+
+    Subclasses register by class name (:func:`register_intervention`).
+    """
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        INTERVENTIONS[cls.__name__] = cls
+        register_intervention(cls)
 
     #: What the model's hook points must do for this intervention (see ``backends.require``).
     NEEDS: ClassVar[tuple[str, ...]] = ()
+    ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    HEAD_SWEEP: ClassVar[bool] = False
+    FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {}
+    NEEDS_FIT: ClassVar[bool] = False
+    #: Words a spec may give for ``layers`` instead of layer numbers (resolved by the fit).
+    LAYER_WORDS: ClassVar[tuple[str, ...]] = ()
+
+    # ---- fitting from a spec
+
+    @classmethod
+    def fit_spec(cls, model: Model, calibration: Tensor, *, seed: int = 0, draw: int = 0, n_draws: int = 1,
+                 fields: dict[str, Any], options: dict[str, Any]) -> Intervention:
+        """The intervention a spec record describes (``fields``, plus its ``fit:`` block
+        ``options``), fitted on ``calibration``; random choices are draw ``draw`` of ``n_draws``
+        under ``seed``. Types with ``FIT_OPTIONS`` override this."""
+        raise SinkInterpError(f"{cls.__name__} cannot be fitted from a spec (it has no fit options)")
+
+    @classmethod
+    def fit_is_random(cls, options: dict[str, Any]) -> bool:
+        """Whether a fit with these options makes a seeded random choice (so draws differ)."""
+        return False
+
+    @classmethod
+    def fit_needs_calibration(cls, options: dict[str, Any]) -> bool:
+        """Whether a fit with these options reads the calibration split."""
+        return True
+
+    @classmethod
+    def check_spec(cls, fields: dict[str, Any], options: dict[str, Any] | None, context: SpecContext) -> None:
+        """Checks of a spec record beyond its fields' and fit options' own (no model needed)."""
+        layers = fields.get("layers")
+        if isinstance(layers, str) and layers not in cls.LAYER_WORDS:
+            words = f" or one of {', '.join(map(repr, cls.LAYER_WORDS))}" if cls.LAYER_WORDS else ""
+            context.fail(f"{context.where}.layers", f"{layers!r}: give layer numbers{words}")
+
+    @classmethod
+    def check_record(cls, model: Model, record: dict[str, Any]) -> None:
+        """Everything a spec record asks of ``model``, checked before any forward pass."""
+        layers = record.get("layers")
+        if not isinstance(layers, str):  # a word such as 'first' is resolved by the fit
+            resolve_layers(model, layers)
+        if "heads" in record:
+            resolve_heads(model, record.get("heads"))
+        cls.check_model(model, {**record, **(record.get("fit") or {})}, where=record["type"])
+
+    # ---- stored arrays
+
+    def check_arrays(self, model: Model, **sizes: int) -> None:
+        """Each stored array (``ARRAY_AXES``) has the shape its axes give: ``sizes`` names the
+        selection axes (``layer=3, head=2``); ``d_head`` / ``d_model`` come from the model; other
+        axes are free."""
+        known = {"d_head": model.cfg.d_head, "d_model": model.cfg.d_model, **sizes}
+        for name, axes in self.ARRAY_AXES.items():
+            value = getattr(self, name)
+            if value is None or isinstance(value, (int, float)) or value == ():
+                continue
+            got = shape_of(value)
+            expected = tuple(known.get(axis, axis) for axis in axes)
+            if len(got) != len(expected) or any(isinstance(e, int) and g != e for g, e in zip(got, expected)):
+                shown = "(" + ", ".join(map(str, expected)) + ")"
+                raise SinkInterpError(f"{type(self).__name__} {name} has shape {got}, expected {shown}")
+
+    def restrict(self, model: Model, layer: int, head: int | None = None) -> Intervention | None:
+        """This intervention at one layer (and one head), its stored arrays sliced along their
+        ``"layer"`` and ``"head"`` axes; None if it does not act there."""
+        kind = type(self).__name__
+        if not hasattr(self, "layers"):
+            raise SinkInterpError(f"{kind} has no layers to sweep over")
+        if is_head_site(getattr(self, "heads", None)):  # (layer, head) pairs: no stored arrays to slice
+            pairs = [pair for pair in self.heads if pair[0] == layer and (head is None or pair[1] == head)]
+            if head is not None and not self.HEAD_SWEEP:
+                raise SinkInterpError(f"a head sweep cannot restrict {kind} to one head")
+            return dataclasses.replace(self, heads=tuple(pairs)) if pairs else None
+        layers = resolve_layers(model, self.layers)
+        if layer not in layers:
+            return None
+        changes: dict[str, Any] = {"layers": (layer,)}
+        slices = {"layer": layers.index(layer)}
+        if head is not None:
+            if not self.HEAD_SWEEP:
+                sweepable = sorted(name for name, cls in INTERVENTIONS.items() if cls.HEAD_SWEEP)
+                raise SinkInterpError(f"a head sweep cannot restrict {kind} to one head: "
+                                      f"sweep 'layers' instead (heads can be swept for {', '.join(sweepable)})")
+            heads = resolve_heads(model, self.heads)
+            if head not in heads:
+                return None
+            changes["heads"] = (head,)
+            slices["head"] = heads.index(head)
+        for name, axes in self.ARRAY_AXES.items():
+            value = getattr(self, name)
+            if not (isinstance(value, tuple) and value):
+                continue
+            for depth, axis in enumerate(axes):
+                if axis in slices:
+                    value = _take(value, depth, slices[axis])
+            changes[name] = value
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def needs(cls, fields: dict[str, Any]) -> tuple[str, ...]:
@@ -194,6 +360,20 @@ class Intervention:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+def _take(value: tuple, depth: int, index: int) -> tuple:
+    """Nested tuples with axis ``depth`` cut to its entry ``index`` (kept as an axis of length 1)."""
+    if depth == 0:
+        return (value[index],)
+    return tuple(_take(row, depth - 1, index) for row in value)
+
+
+def refuse_head_site(owner, why: str) -> None:
+    """Types with arrays stored per [layer][head] take the same heads in every layer."""
+    if is_head_site(getattr(owner, "heads", None)):
+        raise SinkInterpError(f"{type(owner).__name__} takes layers= and heads= (the same heads in every layer): "
+                              f"{why}; use one intervention per layer for different heads")
+
+
 def refuse_empty(owner, name: str, values, hint: str = "name at least one") -> None:
     """An intervention with nothing to act on would return the clean output without a word."""
     if values is not None and len(values) == 0:
@@ -202,6 +382,17 @@ def refuse_empty(owner, name: str, values, hint: str = "name at least one") -> N
 
 
 def norm_common(self, *, heads: bool = True) -> None:
+    """Validate and freeze ``layers`` and ``heads``: per-layer head indices, or ``heads`` in a
+    :class:`~sinkinterp.sites.Heads` spelling (pairs, a mapping, a ``Heads``), stored as sorted
+    (layer, head) pairs with ``layers`` None."""
+    if heads and is_head_site(self.heads):
+        if self.layers is not None:
+            raise SinkInterpError(f"{type(self).__name__}: heads {self.heads!r} already names its layers; "
+                                  "leave layers=None")
+        pairs = Heads(self.heads).pairs
+        refuse_empty(self, "heads", pairs, "name at least one (layer, head) pair")
+        object.__setattr__(self, "heads", pairs)
+        return
     names = ("layers", "heads") if heads else ("layers",)
     for name in names:
         values = ints_or_none(name, getattr(self, name))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Int
@@ -14,22 +15,33 @@ from sinkinterp._batches import check_int, check_tokens
 from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions.base import (
+    FitOption,
     Hook,
     Intervention,
     IntsLike,
     NumbersLike,
+    SpecContext,
     as_tensor,
     check_from_query,
     check_mode,
     check_position,
     check_seq,
-    check_shape,
     frozen_tensor,
     ints_or_none,
+    is_int,
     norm_common,
+    one_of,
+    pick,
+    refuse_head_site,
 )
 from sinkinterp.interventions.capture import capture
-from sinkinterp.sites import as_kv, kv_group, resolve_heads, resolve_layers
+from sinkinterp.sites import (
+    as_kv,
+    kv_group,
+    resolve_heads,
+    resolve_layers,
+    selected_heads,
+)
 
 # --------------------------------------------------------------------------------------------
 # 1. Mask the sink's key
@@ -60,6 +72,11 @@ class MaskSinkKey(Intervention):
     new sink (docs/design.md §3.1)."""
 
     NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_attn_scores",)
+    HEAD_SWEEP: ClassVar[bool] = True
+    FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
+        "position": FitOption("'random': a seeded random key position in [low, from_query)", one_of("random")),
+        "low": FitOption("int", is_int(0)),
+    }
 
     layers: IntsLike = None
     heads: IntsLike = None
@@ -71,17 +88,51 @@ class MaskSinkKey(Intervention):
         check_int("position", self.position)
         check_from_query(self.from_query, self.position)
 
+    @classmethod
+    def fit_spec(cls, model: Model, calibration: Tensor, *, seed: int = 0, draw: int = 0, n_draws: int = 1,
+                 fields: dict[str, Any], options: dict[str, Any]) -> MaskSinkKey:
+        """A control: the mask moved to a seeded random key position in [low, from_query), distinct
+        across the ``n_draws`` draws."""
+        from_query, low = fields.get("from_query", 16), options.get("low", 1)
+        if options.get("position") != "random" or not 0 <= low < from_query:
+            raise SinkInterpError(f"MaskSinkKey fit needs position: random and 0 <= low < from_query, got {options}")
+        positions = random.Random(seed).sample(range(low, from_query), n_draws)  # distinct across draws
+        return cls(**{**fields, "position": positions[draw]})
+
+    @classmethod
+    def fit_is_random(cls, options: dict[str, Any]) -> bool:
+        return options.get("position") == "random"
+
+    @classmethod
+    def fit_needs_calibration(cls, options: dict[str, Any]) -> bool:
+        return False
+
+    @classmethod
+    def check_spec(cls, fields: dict[str, Any], options: dict[str, Any] | None, context: SpecContext) -> None:
+        super().check_spec(fields, options, context)
+        if options is not None and options.get("position") == "random":
+            low, high = options.get("low", 1), fields.get("from_query", 16)
+            if context.draws > high - low:
+                context.fail(f"{context.condition}.draws", f"{context.draws} draws of distinct key positions in "
+                             f"{low}..{high - 1}: at most {max(high - low, 0)}")
+
     def hooks(self, model: Model) -> list[Hook]:
-        layers, heads = resolve_layers(model, self.layers), resolve_heads(model, self.heads)
+        sites = selected_heads(model, self.layers, self.heads)
         check_position(model, self.position)
         self.check_model(model, vars(self))
-        remove = key_masker(heads, model.cfg.n_heads, self.position, self.from_query)
+        maskers: dict[tuple[int, ...], Callable[[Tensor], Tensor]] = {}  # layers with the same heads share one
+        hooks = []
+        for layer, heads in sites:
+            key = tuple(heads)
+            if key not in maskers:
+                maskers[key] = key_masker(heads, model.cfg.n_heads, self.position, self.from_query)
 
-        def mask(scores, hook):
-            check_seq(self.position, scores.shape[-1], "MaskSinkKey", self.from_query)
-            return remove(scores)
+            def mask(scores, hook, remove=maskers[key]):
+                check_seq(self.position, scores.shape[-1], "MaskSinkKey", self.from_query)
+                return remove(scores)
 
-        return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in layers]
+            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", mask))
+        return hooks
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +149,11 @@ class ReplaceSinkKey(Intervention):
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_k",)
+    ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {"key": ("layer", "kv_head", "d_head")}
+    NEEDS_FIT: ClassVar[bool] = True
+    FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
+        "mode": FitOption("'mean_other' or 'patch' (first calibration sequence)", one_of("mean_other", "patch")),
+    }
 
     key: NumbersLike = ()
     layers: IntsLike = None
@@ -108,6 +164,7 @@ class ReplaceSinkKey(Intervention):
     MODES: ClassVar[tuple[str, ...]] = ("mean_other", "patch")
 
     def __post_init__(self):
+        refuse_head_site(self, "its key is stored per [layer][kv head]")
         norm_common(self)
         check_mode("ReplaceSinkKey", self.mode, self.MODES)
         check_int("position", self.position)
@@ -135,11 +192,21 @@ class ReplaceSinkKey(Intervention):
         keys = as_kv(model, keys)
         return cls(key=keys[:, kv_heads], layers=layers, heads=heads, position=position, mode=mode)
 
+    @classmethod
+    def fit_spec(cls, model: Model, calibration: Tensor, *, seed: int = 0, draw: int = 0, n_draws: int = 1,
+                 fields: dict[str, Any], options: dict[str, Any]) -> ReplaceSinkKey:
+        mode = options.get("mode", "mean_other")
+        source = calibration if mode == "mean_other" else calibration[:1]
+        return cls.fit(model, source, mode=mode, **pick(fields, "layers", "heads", "position"))
+
     def hooks(self, model: Model) -> list[Hook]:
         layers = resolve_layers(model, self.layers)
         kv_heads = _kv_heads(model, resolve_heads(model, self.heads), self.heads)
         check_position(model, self.position)
-        check_shape("ReplaceSinkKey key", self.key, (len(layers), len(kv_heads), model.cfg.d_head))
+        if self.key == ():
+            raise SinkInterpError("ReplaceSinkKey has no key: build it with ReplaceSinkKey.fit(model, tokens, ...) "
+                                  "(in a spec, give it a fit: block)")
+        self.check_arrays(model, layer=len(layers), kv_head=len(kv_heads))
         self.check_model(model, vars(self))
         key, p, group = as_tensor(self.key), self.position, kv_group(model)
         hooks = []

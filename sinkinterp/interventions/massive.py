@@ -6,7 +6,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Int
@@ -16,6 +16,7 @@ from sinkinterp._batches import check_bool, check_int, check_seed, check_tokens
 from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions.base import (
+    FitOption,
     Hook,
     Intervention,
     IntsLike,
@@ -24,10 +25,13 @@ from sinkinterp.interventions.base import (
     check_mode,
     check_position,
     check_seq,
-    check_shape,
     frozen_tensor,
     ints_or_none,
+    is_int,
+    is_number,
     norm_common,
+    one_of,
+    pick,
     refuse_empty,
 )
 from sinkinterp.interventions.capture import capture
@@ -58,6 +62,13 @@ class EditMassiveChannels(Intervention):
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("hook_resid_post",)
+    ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {"values": ("layer", "slot", "channel")}
+    LAYER_WORDS: ClassVar[tuple[str, ...]] = ("first", "all")
+    FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
+        "min_fraction": FitOption("float in (0, 1]", is_number(0, 1)),
+        "control": FitOption("'random' or null", one_of("random", None)),
+        "pool": FitOption("int", is_int(1)),
+    }
 
     channels: IntsLike = None
     positions: IntsLike = (0,)
@@ -91,6 +102,29 @@ class EditMassiveChannels(Intervention):
                 "EditMassiveChannels mode 'mean' needs stored values (build it with "
                 "EditMassiveChannels.fit(model, tokens, mode='mean')), and other modes take none"
             )
+
+    @classmethod
+    def fit_spec(cls, model: Model, calibration: Tensor, *, seed: int = 0, draw: int = 0, n_draws: int = 1,
+                 fields: dict[str, Any], options: dict[str, Any]) -> EditMassiveChannels:
+        """:meth:`fit` on the calibration split; ``control: random`` turns it into its matched
+        random-channel control, drawn with seed + draw."""
+        edit = cls.fit(model, calibration, min_fraction=options.get("min_fraction", 0.5),
+                       **pick(fields, "channels", "positions", "layers", "mode", "factor"))
+        if options.get("control") == "random":
+            edit = edit.random_control(model, calibration, seed=seed + draw, pool=options.get("pool", 10))
+        elif options.get("control") is not None:
+            raise SinkInterpError(f"EditMassiveChannels fit control {options['control']!r} is not 'random' or null")
+        return edit
+
+    @classmethod
+    def fit_is_random(cls, options: dict[str, Any]) -> bool:
+        return options.get("control") == "random"
+
+    @classmethod
+    def check_record(cls, model: Model, record: dict[str, Any]) -> None:
+        super().check_record(model, record)
+        if record.get("channels") is not None:
+            select_indices("channel", record["channels"], model.cfg.d_model, "residual channels")
 
     @property
     def n_slots(self) -> int:
@@ -190,8 +224,7 @@ class EditMassiveChannels(Intervention):
         self.check_model(model, vars(self))
         for position in self.positions:
             check_position(model, position)
-        if self.values is not None:
-            check_shape("EditMassiveChannels values", self.values, (len(layers), self.n_slots, len(self.channels)))
+        self.check_arrays(model, layer=len(layers), slot=self.n_slots, channel=len(self.channels))
         values = None if self.values is None else as_tensor(self.values)
         positions, channels = list(self.positions), list(self.channels)
         hooks = []

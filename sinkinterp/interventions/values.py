@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Int
@@ -13,6 +13,7 @@ from sinkinterp._batches import check_int, check_tokens
 from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions.base import (
+    FitOption,
     Hook,
     Intervention,
     IntsLike,
@@ -22,13 +23,21 @@ from sinkinterp.interventions.base import (
     check_mode,
     check_position,
     check_seq,
-    check_shape,
     frozen_tensor,
     ints_or_none,
     norm_common,
+    one_of,
+    pick,
 )
 from sinkinterp.interventions.capture import add_at, capture
-from sinkinterp.sites import as_kv, as_query_heads, resolve_heads, resolve_layers
+from sinkinterp.sites import (
+    as_kv,
+    as_query_heads,
+    is_head_site,
+    resolve_heads,
+    resolve_layers,
+    selected_heads,
+)
 
 # --------------------------------------------------------------------------------------------
 # 2. Ablate the sink's value contribution
@@ -45,6 +54,11 @@ class AblateSinkValue(Intervention):
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("reads:attn.hook_v", "reads:attn.hook_pattern", "attn.hook_z", "order")
+    ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {"value": ("layer", "head", "d_head")}
+    HEAD_SWEEP: ClassVar[bool] = True
+    FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
+        "mode": FitOption("'mean' (over calibration) or 'patch' (first calibration sequence)", one_of("mean", "patch")),
+    }
 
     layers: IntsLike = None
     heads: IntsLike = None
@@ -63,6 +77,9 @@ class AblateSinkValue(Intervention):
         object.__setattr__(self, "value", frozen_tensor(self, "value"))
         if self.mode == "zero" and self.value is not None:
             raise SinkInterpError("AblateSinkValue mode 'zero' takes no value")
+        if self.mode != "zero" and is_head_site(self.heads):
+            raise SinkInterpError(f"AblateSinkValue mode {self.mode!r} stores [layers][heads] values: give layers= "
+                                  "and heads= (the same heads in every layer), or one intervention per layer")
         if self.mode != "zero" and self.value is None:
             raise SinkInterpError(
                 f"AblateSinkValue mode {self.mode!r} needs stored values: build it with "
@@ -85,26 +102,33 @@ class AblateSinkValue(Intervention):
         per_head = as_query_heads(values.mean(dim=1), model.cfg.n_heads)[:, selected_heads]
         return cls(layers=layers, heads=heads, position=position, mode=mode, from_query=from_query, value=per_head)
 
+    @classmethod
+    def fit_spec(cls, model: Model, calibration: Tensor, *, seed: int = 0, draw: int = 0, n_draws: int = 1,
+                 fields: dict[str, Any], options: dict[str, Any]) -> AblateSinkValue:
+        mode = options.get("mode", "mean")
+        source = calibration if mode == "mean" else calibration[:1]
+        return cls.fit(model, source, mode=mode, **pick(fields, "layers", "heads", "position", "from_query"))
+
     def hooks(self, model: Model) -> list[Hook]:
-        layers, heads = resolve_layers(model, self.layers), resolve_heads(model, self.heads)
+        sites = selected_heads(model, self.layers, self.heads)
         check_position(model, self.position)
         if self.value is not None:
-            check_shape("AblateSinkValue value", self.value, (len(layers), len(heads), model.cfg.d_head))
+            self.check_arrays(model, layer=len(sites), head=len(sites[0][1]))
         self.check_model(model, vars(self))
         n_heads, p, fq = model.cfg.n_heads, self.position, self.from_query
         value = None if self.value is None else as_tensor(self.value)
         hooks = []
-        for index, layer in enumerate(layers):
+        for index, (layer, heads) in enumerate(sites):
             state: dict[str, Tensor] = {}
 
             def keep_v(v, hook, state=state):
                 check_seq(p, v.shape[1], "AblateSinkValue", fq)
                 state["v"] = v[:, p]  # [batch kv d_head]
 
-            def keep_a(pattern, hook, state=state):
+            def keep_a(pattern, hook, state=state, heads=heads):
                 state["a"] = pattern[:, heads, fq:, p]  # [batch heads query]
 
-            def edit_z(z, hook, state=state, index=index):
+            def edit_z(z, hook, state=state, index=index, heads=heads):
                 v_sink = as_query_heads(state.pop("v"), n_heads)[:, heads]  # [batch heads d]
                 a = state.pop("a")
                 target = torch.zeros_like(v_sink) if value is None else value[index].to(z)[None].expand_as(v_sink)

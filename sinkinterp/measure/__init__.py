@@ -16,7 +16,14 @@ averaged with equal weight: first over the positions of one sequence, then over 
 """
 
 # In dependency order: common <- sinks, massive, geometry <- value_weighted, qk <- scan.
-from sinkinterp.measure.common import MASSIVE_COLUMNS, alpha_at, seen_counts
+from sinkinterp.measure.common import (
+    MASSIVE_COLUMNS,
+    MEASUREMENTS,
+    Measurement,
+    alpha_at,
+    register_measurement,
+    seen_counts,
+)
 from sinkinterp.measure.geometry import head_frame, qkv_geometry
 from sinkinterp.measure.massive import (
     ResidualProfile,
@@ -28,7 +35,10 @@ from sinkinterp.measure.massive import (
 from sinkinterp.measure.qk import QKMassiveValues, qk_massive_values, rotary_pairs
 from sinkinterp.measure.scan import ScanResult, scan, scan_corpus
 from sinkinterp.measure.sinks import SinkReport, sink_scores
-from sinkinterp.measure.value_weighted import value_weighted_attention
+from sinkinterp.measure.value_weighted import (
+    value_weighted_attention,
+    value_weighted_measurement,
+)
 
 __all__ = [
     "SinkReport", "sink_scores", "alpha_at", "seen_counts",
@@ -37,4 +47,5 @@ __all__ = [
     "head_frame", "qkv_geometry", "value_weighted_attention",
     "QKMassiveValues", "qk_massive_values", "rotary_pairs",
     "ScanResult", "scan", "scan_corpus",
+    "MEASUREMENTS", "Measurement", "register_measurement", "value_weighted_measurement",
 ]

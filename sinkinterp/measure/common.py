@@ -3,6 +3,10 @@ sink score of one key (alpha)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -55,3 +59,38 @@ def alpha_at(pattern: Float[Tensor, "batch head query key"], key: int, window: i
     return pattern[..., key].double().sum(dim=-1) / count
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement registry: quantities an experiment measures on its evaluation tokens
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A measurement an experiment spec can ask for (``measurements: [name]``).
+
+    ``compute(model, tokens, *, alpha_first, eps)`` gets the evaluation tokens, the clean run's
+    alpha at the first token ``[seq, layer, head]`` and the spec's ``eps``, and returns a dict
+    whose ``"per_sequence"`` maps each quantity to one number per sequence (criteria of kind
+    ``measurement_above`` name a quantity); anything else in the dict is saved as it is.
+    """
+
+    name: str
+    compute: Callable[..., dict[str, Any]] = field(compare=False)
+    description: str = ""
+
+
+#: Every measurement by name: what a spec's ``measurements:`` accepts.
+MEASUREMENTS: dict[str, Measurement] = {}
+
+
+def register_measurement(name: str, compute: Callable[..., dict[str, Any]], *, description: str = "") -> Measurement:
+    """Add a measurement (see :class:`Measurement`); a second one of the same name is refused."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise SinkInterpError(f"a measurement name is an identifier such as 'value_weighted', got {name!r}")
+    if name in MEASUREMENTS:
+        raise SinkInterpError(f"a measurement named {name!r} is already registered: give yours another name")
+    if not callable(compute):
+        raise SinkInterpError(f"measurement {name!r}: compute must be a function")
+    MEASUREMENTS[name] = Measurement(name, compute, description)
+    return MEASUREMENTS[name]

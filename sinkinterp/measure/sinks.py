@@ -25,7 +25,7 @@ from sinkinterp.measure.common import (
     seen_counts,
     token_text,
 )
-from sinkinterp.sites import head_label
+from sinkinterp.sites import Heads, head_label
 
 # --------------------------------------------------------------------------------------------
 # Sink scores
@@ -133,6 +133,15 @@ class SinkReport:
     def sink_ratio_of_mean_at(self, position: int, eps: float) -> float:
         """The share of heads whose sequence-averaged alpha at ``position`` exceeds eps (any eps)."""
         return float((self.alpha[:, :, self._position(position)] > check_eps(eps)[0]).double().mean())
+
+    def sink_heads(self, eps: float = 0.3, position: int = 0) -> Heads:
+        """The heads whose alpha at ``position`` (averaged over sequences) is above ``eps``, as a
+        :class:`~sinkinterp.sites.Heads` value that per-head interventions take as ``heads=``:
+        ``MaskSinkKey(heads=report.sink_heads(0.3))`` masks exactly those heads, layer by layer."""
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise SinkInterpError(f"eps {eps!r} must be a number in (0, 1)")
+        alpha = self.alpha[:, :, self._position(position)]
+        return Heads([(int(l), int(h)) for l, h in zip(*torch.nonzero(alpha > eps, as_tuple=True))])
 
     def strongest_heads(self, n: int = 10, position: int = 0) -> pd.DataFrame:
         """The ``n`` heads with the largest alpha at ``position``."""

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp.backends import Model, attention_windows
+from sinkinterp.errors import SinkInterpError
 from sinkinterp.measure.common import (
     query_weights,
+    register_measurement,
 )
 from sinkinterp.measure.geometry import (
     PerHeadReducer,
@@ -91,3 +95,30 @@ def value_weighted_attention(
                     attention_mask=attention_mask, batch_size=batch_size, progress=progress)
 
 
+
+
+def value_weighted_measurement(model: Model, tokens: Int[Tensor, "batch pos"], *, alpha_first: Tensor,
+                               eps: float) -> dict[str, Any]:
+    """The experiment measurement ``value_weighted``: per sequence, the attention share and the
+    value-weighted norm share of the sink, averaged over the sink heads (clean alpha at the first
+    token > ``eps``, from ``alpha_first`` [seq, layer, head]); plus the per-head means."""
+    alpha = alpha_first.mean(dim=0)  # [layer head]
+    sink_heads = [(int(l), int(h)) for l, h in zip(*torch.nonzero(alpha > eps, as_tuple=True))]
+    if not sink_heads:
+        raise SinkInterpError(f"no head has a clean sink score above eps = {eps}: nothing to measure")
+    per_sequence: dict[str, list[float]] = {"attn_sink_share": [], "norm_sink_share": [], "no_op_gap": []}
+    frames = []
+    for row in range(tokens.shape[0]):
+        frame = value_weighted_attention(model, tokens[row:row + 1], progress=False)
+        frames.append(frame)
+        chosen = frame.set_index(["layer", "head"]).loc[sink_heads]
+        for key in per_sequence:
+            per_sequence[key].append(float(chosen[key].mean()))
+    heads = pd.concat(frames).groupby(["layer", "head"], as_index=False)[
+        ["attn_sink_share", "norm_sink_share", "no_op_gap"]].mean()
+    return {"sink_heads": [list(h) for h in sink_heads], "per_sequence": per_sequence,
+            "per_head": heads.to_dict(orient="records")}
+
+
+register_measurement("value_weighted", value_weighted_measurement,
+                     description="value-weighted sink shares, one sequence at a time")
