@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from sinkinterp._io import (
 )
 from sinkinterp._yaml import load_yaml
 from sinkinterp.backends import Model
+from sinkinterp.data import SAMPLING
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
 from sinkinterp.experiments.report import format_estimate
@@ -38,7 +40,7 @@ from sinkinterp.heads import (
 )
 from sinkinterp.interventions import Intervention, MaskSinkKey
 from sinkinterp.measure import qkv_geometry
-from sinkinterp.measure.scan import corpus_for_scan, scan
+from sinkinterp.measure.scan import corpus_for_scan, scan, scan_corpus
 from sinkinterp.models import load_model, model_info
 from sinkinterp.provenance import describe_model, package_versions
 from sinkinterp.views import attention_view, compare_view
@@ -401,19 +403,34 @@ def _heads(args) -> int:
     return 0
 
 
+def default_of(function, name: str):
+    """The default of ``function``'s parameter ``name``: every CLI default is read from the function
+    it is passed to, so each default is written in one place."""
+    value = inspect.signature(function).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise SinkInterpError(f"{function.__name__} has no default for {name!r}")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def flag(parser, option: str, function, name: str, *, help: str, **kwargs) -> None:
+    """``parser.add_argument(option, ...)`` with the default of ``function``'s ``name`` (the help
+    formatter shows it)."""
+    parser.add_argument(option, default=default_of(function, name), help=help, **kwargs)
+
+
 def _heads_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seeds every data set (default 0)")
-    parser.add_argument("--n-seqs", type=int, default=16, help="repeated-token and text sequences (default 16)")
-    parser.add_argument("--context-lens", type=int, nargs="+", default=[256, 512, 1024],
-                        help="needle prompt lengths in tokens (default 256 512 1024)")
-    parser.add_argument("--n-prompts", type=int, default=6, help="needle prompts per context length (default 6)")
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                        help="needle depths in the haystack, 0 = start, 1 = end (default 0.25 0.5 0.75)")
+    flag(parser, "--seed", classify_heads, "seed", type=int, help="seeds every data set")
+    flag(parser, "--n-seqs", classify_heads, "n_seqs", type=int, help="repeated-token and text sequences")
+    flag(parser, "--context-lens", classify_heads, "context_lens", type=int, nargs="+",
+         help="needle prompt lengths in tokens")
+    flag(parser, "--n-prompts", classify_heads, "n_prompts", type=int, help="needle prompts per context length")
+    flag(parser, "--depths", classify_heads, "depths", type=float, nargs="+",
+         help="needle depths in the haystack, 0 = start, 1 = end")
     parser.add_argument("--no-greedy", action="store_true", help="skip the greedy-generation recall score")
     parser.add_argument("--threshold", type=_threshold, action="append", metavar="LABEL=VALUE",
                         help="override a label's threshold, e.g. --threshold recall=0.2 (repeatable)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
+    flag(parser, "--batch-size", classify_heads, "batch_size", type=int, help="sequences per forward pass")
     parser.add_argument("--all", action="store_true", help="print every head, not only the labelled ones")
     parser.add_argument("--json", metavar="OUT", help="write the table, scores and provenance as JSON (atomically)")
     parser.add_argument("--figure", metavar="PNG", help="layers x heads map of scores and labels "
@@ -421,15 +438,15 @@ def _heads_args(parser: argparse.ArgumentParser) -> None:
     _add_figures_arg(parser, "head_classes.png and, with --validate, intervention_effects.png")
     group = parser.add_argument_group("causal validation")
     group.add_argument("--validate", action="store_true", help="ablate top recall / induction / random heads")
-    group.add_argument("--k", type=int, default=5, help="heads per ablated set (default 5)")
-    group.add_argument("--n-random", type=int, default=5, help="seeded random draws of k heads (default 5)")
-    group.add_argument("--ablation", choices=("mean", "zero"), default="mean")
-    group.add_argument("--validate-prompts", type=int, default=16,
-                       help="held-out needle prompts at the median context length (default 16)")
-    group.add_argument("--sets", choices=("top", "exclusive"), default="top",
-                       help="top-k by score, or top-k recall among non-induction heads and vice versa")
-    group.add_argument("--match", choices=("layer", "none"), default="layer",
-                       help="random sets layer-matched to the induction set, or drawn from all other heads")
+    flag(group, "--k", validate_heads, "k", type=int, help="heads per ablated set")
+    flag(group, "--n-random", validate_heads, "n_random", type=int, help="seeded random draws of k heads")
+    flag(group, "--ablation", validate_heads, "ablation", choices=("mean", "zero"), help="what replaces a head's output")
+    flag(group, "--validate-prompts", validate_heads, "n_prompts", type=int,
+         help="held-out needle prompts at the median context length")
+    flag(group, "--sets", validate_heads, "sets", choices=("top", "exclusive"),
+         help="top-k by score, or top-k recall among non-induction heads and vice versa")
+    flag(group, "--match", validate_heads, "match", choices=("layer", "none"),
+         help="random sets layer-matched to the induction set, or drawn from all other heads")
     group.add_argument("--per-head", action="store_true",
                        help="with --validate: also ablate each head of the two sets alone")
     group.add_argument("--copying", action="store_true",
@@ -484,21 +501,20 @@ def _info_args(parser: argparse.ArgumentParser) -> None:
 def _add_scan_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scan")
     group.add_argument("--text", metavar="FILE", help="UTF-8 text to scan (default: the offline corpus, pydoc_data.topics)")
-    group.add_argument("--seq-len", type=int, default=64, help="tokens per sequence, first token included (default 64)")
-    group.add_argument("--n-seqs", type=int, default=32, help="number of sequences (default 32)")
-    group.add_argument("--sampling", choices=("windows", "consecutive"), default="windows",
-                       help="seeded non-overlapping windows within documents, or consecutive chunks from "
-                            "the start of the text (default windows)")
-    group.add_argument("--seed", type=int, default=0, help="which windows (default 0)")
+    flag(group, "--seq-len", scan_corpus, "seq_len", type=int, help="tokens per sequence, first token included")
+    flag(group, "--n-seqs", scan_corpus, "n_seqs", type=int, help="number of sequences")
+    flag(group, "--sampling", scan_corpus, "sampling", choices=SAMPLING,
+         help="seeded non-overlapping windows within documents, or consecutive chunks from the start of the text")
+    flag(group, "--seed", scan_corpus, "seed", type=int, help="which windows")
     group.add_argument(
         "--first-token", default="default", metavar="default|none|bos|TOKEN",
         help="what to put first: the model's own convention (default: nothing for SmolLM2, <bos> for "
              "Gemma-3), nothing, the BOS token, a token string or a token id",
     )
-    group.add_argument("--eps", type=float, nargs="+", default=[0.3, 0.8], help="sink-ratio thresholds in (0, 1)")
-    group.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
-    group.add_argument("--min-abs", type=float, default=100.0, help="massive activation: |x| above this")
-    group.add_argument("--min-ratio", type=float, default=1000.0, help="massive activation: |x| / median at least this")
+    flag(group, "--eps", scan, "eps", type=float, nargs="+", help="sink-ratio thresholds in (0, 1)")
+    flag(group, "--batch-size", scan, "batch_size", type=int, help="sequences per forward pass")
+    flag(group, "--min-abs", scan, "min_abs", type=float, help="massive activation: |x| above this")
+    flag(group, "--min-ratio", scan, "min_ratio", type=float, help="massive activation: |x| / median at least this")
 
 
 def _scan_args(parser: argparse.ArgumentParser) -> None:

@@ -22,13 +22,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp._batches import check_int, check_tokens, progress_bar
-from sinkinterp.backends import Model, attention_windows
+from sinkinterp.backends import (
+    Model,
+    attention_windows,
+    final_logits,
+    is_hooked_transformer,
+)
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions import Intervention, intervene
 from sinkinterp.measure import alpha_at
 
 __all__ = ["evaluate", "Evaluation", "Evaluator", "Metric", "METRICS", "register_metric", "EVALUATE_METRICS",
-           "log_probs", "token_metrics"]
+           "log_probs", "token_metrics", "step_metrics"]
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,36 @@ class Evaluator:
         return result
 
 
+def step_metrics(model: Model, tokens: Tensor, rows: Tensor, queries: Tensor, targets: Tensor, *,
+                 interventions: Sequence = (), batch_size: int = 4) -> dict[str, Tensor]:
+    """Per-row mean next-token ``loss`` and top-1 ``accuracy`` at chosen steps: step k is query
+    ``queries[k]`` of row ``rows[k]`` predicting ``tokens[rows[k], targets[k]]`` (a needle's answer,
+    an induction target), rather than every query from ``from_query`` on. Only those queries are
+    unembedded (where the model can stop before its unembedding). The engine behind
+    ``evaluate(..., steps=...)`` and the head validation."""
+    n = tokens.shape[0]
+    loss = torch.zeros(n, dtype=torch.float64)
+    accuracy = torch.zeros(n, dtype=torch.float64)
+    count = torch.bincount(rows, minlength=n).double()
+    device = next(model.parameters()).device
+    with torch.inference_mode(), intervene(model, *interventions):
+        for start in range(0, n, batch_size):
+            chosen = (rows >= start) & (rows < start + batch_size)
+            r, q, t = rows[chosen], queries[chosen], targets[chosen]
+            batch = tokens[start : start + batch_size].to(device)
+            if is_hooked_transformer(model):
+                resid = model(batch, stop_at_layer=model.cfg.n_layers)
+                logits = final_logits(model, resid[(r - start).to(device), q.to(device)][None])[0]
+            else:
+                logits = model(batch)[(r - start).to(device), q.to(device)]
+            logits = logits.float()
+            want = tokens[r, t].to(device)
+            step_loss = torch.logsumexp(logits, dim=-1) - logits.gather(-1, want[:, None])[:, 0]
+            loss.index_add_(0, r, step_loss.double().cpu())
+            accuracy.index_add_(0, r, (logits.argmax(dim=-1) == want).double().cpu())
+    return {"loss": loss / count, "accuracy": accuracy / count}
+
+
 def evaluate(
     model: Model,
     tokens: Int[Tensor, "*batch pos"],
@@ -270,6 +305,7 @@ def evaluate(
     from_query: int = 0,
     batch_size: int = 8,
     progress: bool | None = None,
+    steps: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Evaluation:
     """Per-sequence ``metrics`` of ``model`` on ``tokens`` with ``interventions`` applied together.
 
@@ -277,6 +313,9 @@ def evaluate(
     - ``kl``: mean KL(clean || intervened) of the next-token distributions there (the clean run is
       computed batch by batch alongside; 0 without interventions);
     - ``accuracy``: the fraction of those queries whose top-1 prediction is the next token.
+
+    ``steps=(rows, queries, targets)`` scores chosen steps instead (see :func:`step_metrics`):
+    loss and accuracy only, one mean per row over its steps.
 
     ``tokens`` are unpadded rows of equal length. ``from_query`` must leave at least one
     prediction (``from_query <= seq_len - 2``); an intervention that would act on no query of
@@ -293,6 +332,14 @@ def evaluate(
         if not isinstance(intervention, Intervention):
             raise SinkInterpError(f"evaluate takes Intervention values after the tokens, got "
                                   f"{type(intervention).__name__}")
+    if steps is not None:
+        other = sorted(set(metrics) - {"loss", "accuracy"})
+        if other:
+            raise SinkInterpError(f"evaluate(steps=...) computes loss and accuracy, not {other}")
+        rows, queries, targets = steps
+        values = step_metrics(model, tokens, rows, queries, targets, interventions=interventions, batch_size=batch_size)
+        return Evaluation(values={m: values[m] for m in metrics}, from_query=from_query,
+                          interventions=tuple(iv.to_dict() for iv in interventions))
     n_batches = -(-tokens.shape[0] // batch_size)
     show = n_batches > 1 if progress is None else progress
     engine = Evaluator(model, tokens, metrics=metrics, from_query=from_query, batch_size=batch_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -100,6 +101,11 @@ def check_head_pairs(model: Model, pairs) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------------------------
 # Heads: one value for "which heads", in any of its spellings
+
+
+#: What a ``heads`` argument accepts: None (all), per-layer head indices (an int or a list of ints),
+#: or a :class:`Heads` value, a ``{layer: heads}`` mapping, or (layer, head) pairs.
+HeadsLike = Any
 
 
 def is_head_site(value) -> bool:

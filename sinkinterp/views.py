@@ -31,7 +31,7 @@ from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions import Intervention, intervene
 from sinkinterp.interventions.base import ints_or_none
 from sinkinterp.measure import alpha_at
-from sinkinterp.sites import resolve_heads, resolve_layers
+from sinkinterp.sites import HeadsLike, head_label, is_head_site, selected_heads
 
 __all__ = [
     "AttentionView",
@@ -160,8 +160,14 @@ def _patterns(model: Model, ids: Tensor, layers: list[int], interventions=()) ->
     return kept
 
 
-def _selection(model: Model, layers, heads) -> tuple[list[int], list[int]]:
-    return resolve_layers(model, ints_or_none("layers", layers)), resolve_heads(model, ints_or_none("heads", heads))
+def _selection(model: Model, layers, heads) -> list[tuple[int, list[int]]]:
+    """(layer, heads) to show: per-layer head indices in each of ``layers``, or ``heads`` as a
+    :class:`~sinkinterp.sites.Heads` value / mapping / pairs (then ``layers`` must be None)."""
+    if is_head_site(heads):
+        if layers is not None:
+            raise SinkInterpError(f"heads {heads!r} already names its layers; leave layers=None")
+        return selected_heads(model, None, heads)
+    return selected_heads(model, ints_or_none("layers", layers), ints_or_none("heads", heads))
 
 
 def _check_size(n_tokens: int, n_heads: int, max_tokens: int) -> None:
@@ -204,7 +210,7 @@ def attention_view(
     tokens,
     *,
     layers: Sequence[int] | int | None = None,
-    heads: Sequence[int] | int | None = None,
+    heads: HeadsLike = None,
     hide_sink: bool = False,
     sink_position: int = 0,
     interventions: Sequence = (),
@@ -213,7 +219,8 @@ def attention_view(
     element_id: str | None = None,
 ) -> AttentionView:
     """Attention patterns of the chosen layers and heads on one input (text, or token ids of one
-    sequence), each head named with its sink score on this input (``L14H3 sink=0.82``).
+    sequence), each head named with its sink score on this input (``L14H3 sink=0.82``). ``heads``
+    may be a :class:`~sinkinterp.sites.Heads` value (``report.sink_heads(0.3)``) with ``layers`` None.
 
     ``hide_sink`` removes the sink column and renormalises every row over the other keys, so what
     the head does besides resting on the sink becomes visible. ``interventions`` are applied
@@ -226,23 +233,23 @@ def attention_view(
     if isinstance(interventions, Intervention) or not isinstance(interventions, (list, tuple)):
         raise SinkInterpError(f"interventions must be a list of Intervention values, got {interventions!r}")
     ids = _view_tokens(model, tokens)
-    chosen_layers, chosen_heads = _selection(model, layers, heads)
-    _check_size(ids.shape[1], len(chosen_layers) * len(chosen_heads), max_tokens)
+    sites = _selection(model, layers, heads)
+    _check_size(ids.shape[1], sum(len(chosen) for _, chosen in sites), max_tokens)
     check_int("sink_position", sink_position)
     if not 0 <= sink_position < ids.shape[1]:
         raise SinkInterpError(f"sink_position {sink_position} is outside this input's {ids.shape[1]} tokens")
-    kept = _patterns(model, ids, chosen_layers, interventions)
+    kept = _patterns(model, ids, [layer for layer, _ in sites], interventions)
     windows = attention_windows(model)
     panels, names, noisy = [], [], []
-    for layer in chosen_layers:
-        for head in chosen_heads:
+    for layer, chosen in sites:
+        for head in chosen:
             panel, alpha, rest = _head_panel(kept[layer][head], hide_sink, sink_position, windows[layer])
             if rest is not None and rest < MIN_REST_MASS:
-                noisy.append(f"L{layer}H{head} ({rest:.2g})")
+                noisy.append(f"{head_label(layer, head)} ({rest:.2g})")
             panels.append(panel)
             hidden = "" if rest is None else (f" (sink hidden: rows rescaled from {rest:.1%} of their attention"
                                               f"{', noise' if rest < MIN_REST_MASS else ''})")
-            names.append(f"L{layer}H{head} sink={alpha:.2f}{hidden}")
+            names.append(f"{head_label(layer, head)} sink={alpha:.2f}{hidden}")
     if noisy:
         warnings.warn(
             f"hide_sink=True on heads that keep less than {MIN_REST_MASS:.0%} of their attention off the sink: "
@@ -265,7 +272,7 @@ def compare_view(
     interventions: Sequence,
     *,
     layers: Sequence[int] | int | None = None,
-    heads: Sequence[int] | int | None = None,
+    heads: HeadsLike = None,
     hide_sink: bool = False,
     label: str = "intervened",
     max_tokens: int = MAX_VIEW_TOKENS,

@@ -71,3 +71,31 @@ def corpus_batch(smollm2):
 def n_hooks(model) -> int:
     """Forward hooks attached to ``model`` right now (0 after any intervention block, even one that raised)."""
     return sum(len(point.fwd_hooks) for point in model.hook_dict.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Test tiers, enforced: a test that loads an embedded model must be marked integration
+
+
+EMBEDDED_FIXTURES = {"smollm2", "smollm2_bridge", "smollm2_hf", "gemma", "gemma_bridge", "gemma_hf", "corpus_batch"}
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [item.nodeid for item in items
+                if EMBEDDED_FIXTURES & set(getattr(item, "fixturenames", ())) and "integration" not in item.keywords]
+    if unmarked:
+        raise pytest.UsageError("tests use an embedded model without the integration marker: " + ", ".join(unmarked))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_load_no_embedded_model(request, monkeypatch):
+    """A unit test (no integration marker) that reaches a GGUF load fails at once: it would make the
+    unit tier minutes long and depend on the weight cache."""
+    if "integration" in request.keywords:
+        return
+    import sinkinterp.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} loads an embedded model: mark it integration")
+
+    monkeypatch.setattr(sinkinterp.models, "_load_gguf", refuse)

@@ -176,3 +176,32 @@ def test_the_package_imports_without_a_deprecation_warning():
     code = "import warnings; warnings.simplefilter('error', DeprecationWarning); import sinkinterp, sinkinterp.cli"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_cli_defaults_are_the_functions_defaults():
+    """One place per default: the CLI reads each from the function it calls."""
+    import inspect
+
+    from sinkinterp.cli import build_parser
+    from sinkinterp.heads import classify_heads, validate_heads
+    from sinkinterp.measure import scan, scan_corpus
+
+    def default(function, name):
+        value = inspect.signature(function).parameters[name].default
+        return list(value) if isinstance(value, tuple) else value
+
+    scan_args = build_parser().parse_args(["scan"])
+    for option, function, name in [("seq_len", scan_corpus, "seq_len"), ("n_seqs", scan_corpus, "n_seqs"),
+                                   ("sampling", scan_corpus, "sampling"), ("seed", scan_corpus, "seed"),
+                                   ("eps", scan, "eps"), ("batch_size", scan, "batch_size"),
+                                   ("min_abs", scan, "min_abs"), ("min_ratio", scan, "min_ratio")]:
+        assert getattr(scan_args, option) == default(function, name), option
+    heads_args = build_parser().parse_args(["heads"])
+    for option, function, name in [("seed", classify_heads, "seed"), ("n_seqs", classify_heads, "n_seqs"),
+                                   ("context_lens", classify_heads, "context_lens"),
+                                   ("n_prompts", classify_heads, "n_prompts"), ("depths", classify_heads, "depths"),
+                                   ("batch_size", classify_heads, "batch_size"), ("k", validate_heads, "k"),
+                                   ("n_random", validate_heads, "n_random"), ("ablation", validate_heads, "ablation"),
+                                   ("validate_prompts", validate_heads, "n_prompts"), ("sets", validate_heads, "sets"),
+                                   ("match", validate_heads, "match")]:
+        assert getattr(heads_args, option) == default(function, name), option

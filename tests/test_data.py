@@ -166,6 +166,7 @@ def test_bad_requests_name_the_value():
         repeated_random_tokens(model, 1, 33)
 
 
+@pytest.mark.integration
 def test_corpus_windows_are_seeded_slices_of_the_text(smollm2):
     from sinkinterp.data import corpus_windows
 

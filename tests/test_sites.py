@@ -124,3 +124,14 @@ def test_a_sweep_restricts_heads_values_layer_by_layer(model):
     assert mask.restrict(model, 0) == MaskSinkKey(heads=[(0, 0), (0, 2)], from_query=4)
     assert mask.restrict(model, 1, 1) == MaskSinkKey(heads=[(1, 1)], from_query=4)
     assert mask.restrict(model, 1, 0) is None
+
+
+def test_a_view_shows_exactly_the_heads_of_a_heads_value(model, tokens):
+    from sinkinterp import attention_view
+
+    view = attention_view(model, tokens[0], heads=Heads({0: [4], 1: [0, 2]}), element_id="v")
+    assert [name.split(" ")[0] for name in view.head_names] == ["L0H4", "L1H0", "L1H2"]
+    same = attention_view(model, tokens[0], layers=[1], heads=[0, 2], element_id="v")
+    assert torch.equal(view.patterns[1:], same.patterns)
+    with pytest.raises(SinkInterpError, match=r"already names its layers; leave layers=None"):
+        attention_view(model, tokens[0], layers=[0], heads={0: [1]})

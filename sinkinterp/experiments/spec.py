@@ -320,7 +320,8 @@ def _validate(spec: ExperimentSpec) -> None:
         _fail("spec.metrics", "must include 'loss' (deltas, recovery and verdicts are computed on it)")
     for i, name in enumerate(spec.measurements):
         if name not in MEASUREMENTS:
-            _fail(f"spec.measurements[{i}]", f"unknown measurement {name!r}; allowed: {', '.join(sorted(MEASUREMENTS))}")
+            _fail(f"spec.measurements[{i}]",
+                  f"unknown measurement {name!r}; allowed: {', '.join(sorted(MEASUREMENTS))}")
     if not 100 <= spec.bootstrap.n_resamples <= MAX_RESAMPLES:
         _fail("spec.bootstrap.n_resamples", f"must be in 100..{MAX_RESAMPLES}, got {spec.bootstrap.n_resamples}")
     if not 0 < spec.bootstrap.confidence < 1:
@@ -398,7 +399,8 @@ def _validate(spec: ExperimentSpec) -> None:
     if needs_calibration and data.n_calibration < 1:
         _fail("spec.data.n_calibration", f"is 0 but {needs_calibration[0]} is fitted on the calibration split: "
               "use n_calibration >= 1")
-    if data.source == "random" and any(c.replace_first_token not in (None, "random") and not isinstance(c.replace_first_token, int)
+    if data.source == "random" and any(c.replace_first_token not in (None, "random")
+                                       and not isinstance(c.replace_first_token, int)
                                        for c in spec.conditions):
         _fail("spec.conditions", "a token string as replace_first_token needs a tokenizer; random data may have none")
 

@@ -17,8 +17,6 @@ from sinkinterp._batches import (
 )
 from sinkinterp.backends import (
     Model,
-    final_logits,
-    is_hooked_transformer,
 )
 from sinkinterp.data import (
     NeedlePrompts,
@@ -26,9 +24,10 @@ from sinkinterp.data import (
     needle_prompts,
 )
 from sinkinterp.errors import SinkInterpError
+from sinkinterp.evaluate import step_metrics
 from sinkinterp.heads.classify import check_thresholds, top_heads
 from sinkinterp.heads.scores import RepeatedTokens, make_repeated
-from sinkinterp.interventions import AblateHeads, intervene
+from sinkinterp.interventions import AblateHeads
 from sinkinterp.sites import head_label
 from sinkinterp.stats import bootstrap_mean, check_bootstrap_options, paired_difference
 
@@ -36,41 +35,13 @@ from sinkinterp.stats import bootstrap_mean, check_bootstrap_options, paired_dif
 # Causal validation: ablate the top recall heads, the top induction heads, and random heads
 
 
-def _step_metrics(model: Model, tokens: Tensor, rows: Tensor, queries: Tensor, targets: Tensor, *,
-                  interventions=(), batch_size: int = 4) -> dict[str, Tensor]:
-    """Per-row mean next-token loss and top-1 accuracy at the steps (row, query) predicting
-    ``tokens[row, target]``. Only those queries are unembedded (where the model can stop before
-    its unembedding)."""
-    n = tokens.shape[0]
-    loss = torch.zeros(n, dtype=torch.float64)
-    accuracy = torch.zeros(n, dtype=torch.float64)
-    count = torch.bincount(rows, minlength=n).double()
-    device = next(model.parameters()).device
-    with torch.inference_mode(), intervene(model, *interventions):
-        for start in range(0, n, batch_size):
-            chosen = (rows >= start) & (rows < start + batch_size)
-            r, q, t = rows[chosen], queries[chosen], targets[chosen]
-            batch = tokens[start : start + batch_size].to(device)
-            if is_hooked_transformer(model):
-                resid = model(batch, stop_at_layer=model.cfg.n_layers)
-                logits = final_logits(model, resid[(r - start).to(device), q.to(device)][None])[0]
-            else:
-                logits = model(batch)[(r - start).to(device), q.to(device)]
-            logits = logits.float()
-            want = tokens[r, t].to(device)
-            step_loss = torch.logsumexp(logits, dim=-1) - logits.gather(-1, want[:, None])[:, 0]
-            loss.index_add_(0, r, step_loss.double().cpu())
-            accuracy.index_add_(0, r, (logits.argmax(dim=-1) == want).double().cpu())
-    return {"loss": loss / count, "accuracy": accuracy / count}
-
-
 def _task_metrics(model: Model, needle: NeedlePrompts, repeated: RepeatedTokens, interventions, batch_size: int
                   ) -> dict[str, Tensor]:
     rows, queries, targets = needle.answer_steps()
-    out = _step_metrics(model, needle.tokens, rows, queries, targets, interventions=interventions,
-                        batch_size=batch_size)
-    induction = _step_metrics(model, repeated.tokens, *repeated.induction_steps(), interventions=interventions,
-                              batch_size=batch_size)
+    out = step_metrics(model, needle.tokens, rows, queries, targets, interventions=interventions,
+                       batch_size=batch_size)
+    induction = step_metrics(model, repeated.tokens, *repeated.induction_steps(), interventions=interventions,
+                             batch_size=batch_size)
     return {"needle_loss": out["loss"], "needle_accuracy": out["accuracy"], "induction_loss": induction["loss"]}
 
 
