@@ -135,3 +135,17 @@ def test_a_view_shows_exactly_the_heads_of_a_heads_value(model, tokens):
     assert torch.equal(view.patterns[1:], same.patterns)
     with pytest.raises(SinkInterpError, match=r"already names its layers; leave layers=None"):
         attention_view(model, tokens[0], layers=[0], heads={0: [1]})
+
+
+def test_per_head_measurements_keep_the_rows_of_a_heads_value(model, tokens):
+    from sinkinterp import qkv_geometry, value_weighted_attention
+
+    heads = Heads({0: [1], 1: [3, 5]})
+    for measure in (qkv_geometry, value_weighted_attention):
+        every = measure(model, tokens, progress=False)
+        some = measure(model, tokens, progress=False, heads=heads)
+        assert list(zip(some["layer"], some["head"])) == [(0, 1), (1, 3), (1, 5)]
+        expected = every.set_index(["layer", "head"]).loc[[(0, 1), (1, 3), (1, 5)]].reset_index()
+        assert some.equals(expected[some.columns])
+    with pytest.raises(SinkInterpError, match=r"head 9 out of range"):
+        qkv_geometry(model, tokens, heads={0: [9]})

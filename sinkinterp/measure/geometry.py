@@ -21,7 +21,7 @@ from sinkinterp.backends import (
 from sinkinterp.measure.common import (
     query_weights,
 )
-from sinkinterp.sites import as_query_heads, kv_group
+from sinkinterp.sites import Heads, HeadsLike, as_query_heads, is_head_site, kv_group
 
 # --------------------------------------------------------------------------------------------
 # Query/key/value geometry
@@ -66,9 +66,20 @@ class PerHeadReducer(Reducer):
         return frame
 
 
-def measure_heads(reducer: PerHeadReducer, model: Model, tokens, description: str, **kwargs) -> pd.DataFrame:
+def measure_heads(reducer: PerHeadReducer, model: Model, tokens, description: str, heads: HeadsLike = None,
+                  **kwargs) -> pd.DataFrame:
+    """Stream ``reducer`` over ``tokens``; its per-(layer, head) frame, restricted to ``heads`` (a
+    :class:`~sinkinterp.sites.Heads` spelling, head indices for every layer, or None for every head)."""
+    pairs = None
+    if heads is not None:
+        chosen = Heads(heads) if is_head_site(heads) else Heads.at(model, None, heads)
+        pairs = [(layer, head) for layer, hs in chosen.by_layer(model).items() for head in hs]
     stream(model, tokens, [reducer], description=description, **kwargs)
-    return reducer.frame()
+    frame = reducer.frame()
+    if pairs is not None:
+        keep = pd.Series(list(zip(frame["layer"], frame["head"]))).isin(pairs).to_numpy()
+        frame = frame[keep].reset_index(drop=True)
+    return frame
 
 
 class _GeometryReducer(PerHeadReducer):
@@ -144,6 +155,7 @@ def qkv_geometry(
     attention_mask: Tensor | None = None,
     batch_size: int = 8,
     progress: bool | None = None,
+    heads: HeadsLike = None,
 ) -> pd.DataFrame:
     """Per (layer, head): is the sink chosen by the norm of its key or by its angle to the queries?
 
@@ -151,9 +163,10 @@ def qkv_geometry(
     the sink's k and v (relative position 0) and of the other positions' k and v; mean
     ``cos(q_i, k_sink)`` over queries i >= 1 and ``cos(q_i, k_j)`` over pairs 1 <= j <= i; the
     attention logits (``hook_attn_scores``, scale included) on the same sets. Rotary models use
-    the rotated q and k, which is what the logit sees (rotation keeps norms).
+    the rotated q and k, which is what the logit sees (rotation keeps norms). ``heads`` (a
+    :class:`~sinkinterp.sites.Heads` value such as ``report.sink_heads(0.3)``) keeps those rows only.
     """
-    return measure_heads(_GeometryReducer(model), model, tokens, "q/k/v geometry",
-                    attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+    return measure_heads(_GeometryReducer(model), model, tokens, "q/k/v geometry", heads=heads,
+                         attention_mask=attention_mask, batch_size=batch_size, progress=progress)
 
 

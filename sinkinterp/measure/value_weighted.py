@@ -19,7 +19,7 @@ from sinkinterp.measure.geometry import (
     PerHeadReducer,
     measure_heads,
 )
-from sinkinterp.sites import as_query_heads
+from sinkinterp.sites import HeadsLike, as_query_heads
 
 # --------------------------------------------------------------------------------------------
 # Value-weighted attention
@@ -82,6 +82,7 @@ def value_weighted_attention(
     attention_mask: Tensor | None = None,
     batch_size: int = 8,
     progress: bool | None = None,
+    heads: HeadsLike = None,
 ) -> pd.DataFrame:
     """Per (layer, head): attention share of the sink vs its share of the value-weighted norm.
 
@@ -89,10 +90,11 @@ def value_weighted_attention(
     ``norm_sink_share`` = mean of ``||A[i,0] v_0 W_O|| / sum_j ||A[i,j] v_j W_O||`` (per head,
     without the output bias, which does not depend on attention). ``no_op_gap`` is their
     difference: a head that attends to the sink but writes little from it has a large gap.
-    Also the mean ``||v W_O||`` of the sink and of the other positions.
+    Also the mean ``||v W_O||`` of the sink and of the other positions. ``heads`` (a
+    :class:`~sinkinterp.sites.Heads` value) keeps those rows only.
     """
-    return measure_heads(_ValueWeightedReducer(model), model, tokens, "value-weighted attention",
-                    attention_mask=attention_mask, batch_size=batch_size, progress=progress)
+    return measure_heads(_ValueWeightedReducer(model), model, tokens, "value-weighted attention", heads=heads,
+                         attention_mask=attention_mask, batch_size=batch_size, progress=progress)
 
 
 
