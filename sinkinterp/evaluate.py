@@ -22,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from sinkinterp._batches import check_int, check_tokens, progress_bar
+from sinkinterp._registry import add_entry
 from sinkinterp.backends import (
     Model,
     attention_windows,
@@ -67,14 +68,10 @@ def register_metric(name: str, compute: Callable[[Tensor, Tensor], Tensor], *, d
     >>> register_metric("top5", lambda logits, targets: (logits.topk(5).indices == targets[..., None])
     ...                 .any(-1).double().mean(-1), higher_is_better=True)
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise SinkInterpError(f"a metric name is an identifier such as 'top5', got {name!r}")
-    if name in METRICS:
-        raise SinkInterpError(f"a metric named {name!r} is already registered: give yours another name")
-    if not callable(compute):
+    if compute is None:
         raise SinkInterpError(f"metric {name!r}: compute must be a function (logits, targets) -> [batch]")
-    METRICS[name] = Metric(name, compute, description, bool(higher_is_better))
-    return METRICS[name]
+    return add_entry(METRICS, "metric", name, Metric(name, compute, description, bool(higher_is_better)),
+                     example="top5", compute=compute, compute_is="a function (logits, targets) -> [batch]")
 
 
 for _metric in (

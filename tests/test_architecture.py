@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sinkinterp"
 
 #: The layers, lowest first. A module may import from its own layer or any layer below it.
 TIERS = [
-    {"errors", "_batches", "_io", "_yaml", "_deprecated", "backends", "sources", "tiny", "models", "data", "sites",
-     "stats", "provenance"},
+    {"errors", "_batches", "_io", "_yaml", "_deprecated", "_registry", "backends", "sources", "tiny", "models",
+     "data", "sites", "stats", "provenance"},
     {"measure"},
     {"interventions"},
     {"evaluate"},

@@ -16,6 +16,7 @@ from sinkinterp._batches import (
     check_int,
     stream,
 )
+from sinkinterp._registry import add_entry
 from sinkinterp.backends import (
     Model,
     attention_windows,
@@ -281,10 +282,7 @@ def register_scorer(scorer: Scorer) -> Scorer:
         raise SinkInterpError(f"register_scorer takes a Scorer, got {type(scorer).__name__}")
     if scorer.data not in SCORER_DATA:
         raise SinkInterpError(f"scorer {scorer.name!r} reads data {scorer.data!r}: use one of {', '.join(SCORER_DATA)}")
-    if scorer.name in SCORERS:
-        raise SinkInterpError(f"a head scorer named {scorer.name!r} is already registered: give yours another name")
-    SCORERS[scorer.name] = scorer
-    return scorer
+    return add_entry(SCORERS, "head scorer", scorer.name, scorer, example="induction")
 
 
 #: The data sets a scorer can read.

@@ -14,6 +14,7 @@ from torch import Tensor
 from sinkinterp._batches import (
     Batch,
 )
+from sinkinterp._registry import add_entry
 from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 
@@ -86,11 +87,7 @@ MEASUREMENTS: dict[str, Measurement] = {}
 
 def register_measurement(name: str, compute: Callable[..., dict[str, Any]], *, description: str = "") -> Measurement:
     """Add a measurement (see :class:`Measurement`); a second one of the same name is refused."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise SinkInterpError(f"a measurement name is an identifier such as 'value_weighted', got {name!r}")
-    if name in MEASUREMENTS:
-        raise SinkInterpError(f"a measurement named {name!r} is already registered: give yours another name")
-    if not callable(compute):
+    if compute is None:
         raise SinkInterpError(f"measurement {name!r}: compute must be a function")
-    MEASUREMENTS[name] = Measurement(name, compute, description)
-    return MEASUREMENTS[name]
+    return add_entry(MEASUREMENTS, "measurement", name, Measurement(name, compute, description),
+                     example="value_weighted", compute=compute)
