@@ -143,15 +143,27 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--validate", action="store_true",
+                        help="only the head classes and their causal validation on SmolLM2 (a minute or two)")
     parser.add_argument("--compare")
     args = parser.parse_args()
     torch.manual_seed(0)
-    for label, builder in (("tiny-llama", tiny_llama), ("tiny-gpt2", tiny_gpt2)):
+    if args.validate:
+        model = si.load_model()
+        table = si.classify_heads(model, n_seqs=4, half_len=16, text_len=32, context_lens=(128,), n_prompts=2,
+                                  depths=(0.5,), batch_size=2, progress=False)
+        record("smollm2/heads", table)
+        for ablation in ("mean", "zero"):
+            validation = si.validate_heads(model, table, k=2, n_random=2, ablation=ablation, n_prompts=4,
+                                           context_len=128, n_seqs=4, half_len=16, n_reference=4, batch_size=2,
+                                           n_resamples=200, per_head=True)
+            record(f"smollm2/validate/{ablation}", validation.to_dict())
+    for label, builder in (() if args.validate else (("tiny-llama", tiny_llama), ("tiny-gpt2", tiny_gpt2))):
         model = builder()
         tokens = torch.randint(0, model.cfg.d_vocab, (8, 24), generator=torch.Generator().manual_seed(1))
         measure_all(label, model, tokens, 4)
         run_spec(label, ExperimentSpec.from_dict({**TINY_SPEC, "model": label}), model)
-    if args.smollm2:
+    if args.smollm2 and not args.validate:
         from sinkinterp.data import corpus_tokens
 
         model = si.load_model()

@@ -10,8 +10,10 @@ imports only from the layers above it in this list (a test checks it):
 4. ``evaluate``: per-sequence loss / KL / accuracy under interventions (the one evaluation engine);
 5. ``heads``: head scores, classes and their causal validation;
 6. ``views`` and ``figures``;
-7. ``experiments``: specs, the runner and its reports; then the command line (``cli``).
+7. ``experiments``: specs, the runner and its reports, the head validation; then ``cli``.
 """
+
+# ruff: noqa: I001  (the imports below are in layer order, on purpose)
 
 from sinkinterp._batches import progress_bar as _progress_bar
 from sinkinterp.errors import SinkInterpError
@@ -19,47 +21,28 @@ from sinkinterp.errors import SinkInterpError
 _progress_bar()  # the first import of tqdm.auto, quiet: Jupyter without ipywidgets would warn in every notebook
 
 # 1. core
+from sinkinterp.backends import Model
+from sinkinterp.models import EMBEDDED_MODEL, ModelSource, load_model, model_source
+from sinkinterp.data import corpus_tokens, needle_prompts, random_tokens, repeated_random_tokens
+from sinkinterp.sites import Heads
+from sinkinterp.stats import Estimate, bootstrap_mean, paired_difference, recovery_fraction
+
 # 2. measure. The old module sinkinterp.scan (a deprecated alias) is imported first so that a later
 # ``from sinkinterp.scan import ...`` cannot rebind ``sinkinterp.scan``, the function, to it.
 from sinkinterp import scan as _old_scan_module  # noqa: F401
-from sinkinterp.backends import Model
-from sinkinterp.data import (
-    corpus_tokens,
-    needle_prompts,
-    random_tokens,
-    repeated_random_tokens,
-)
-
-# 4. evaluate
-from sinkinterp.evaluate import METRICS, Evaluation, evaluate, register_metric
-
-# 7. experiments
-from sinkinterp.experiments import (
-    ExperimentSpec,
-    builtin_specs,
-    load_spec,
-    run_experiment,
-)
-
-# 6. views and figures
-from sinkinterp.figures import (
-    plot_alpha_heatmap,
-    plot_first_token_share,
-    plot_head_classes,
-    plot_intervention_effects,
-    plot_massive_activations,
-    plot_qkv_norms,
-)
-
-# 5. heads
-from sinkinterp.heads import (
-    SCORERS,
-    classify_heads,
-    copying_evidence,
-    qk_by_label,
-    register_scorer,
-    top_heads,
-    validate_heads,
+from sinkinterp.measure import (
+    ResidualProfile,
+    ScanResult,
+    SinkReport,
+    find_massive_activations,
+    qk_massive_values,
+    qkv_geometry,
+    register_measurement,
+    residual_profile,
+    scan,
+    sink_scores,
+    stable_massive_channels,
+    value_weighted_attention,
 )
 
 # 3. interventions
@@ -76,29 +59,26 @@ from sinkinterp.interventions import (
     fit_constant_bias,
     intervene,
 )
-from sinkinterp.measure import (
-    ResidualProfile,
-    ScanResult,
-    SinkReport,
-    find_massive_activations,
-    qk_massive_values,
-    qkv_geometry,
-    register_measurement,
-    residual_profile,
-    scan,
-    sink_scores,
-    stable_massive_channels,
-    value_weighted_attention,
-)
-from sinkinterp.models import EMBEDDED_MODEL, ModelSource, load_model, model_source
-from sinkinterp.sites import Heads
-from sinkinterp.stats import (
-    Estimate,
-    bootstrap_mean,
-    paired_difference,
-    recovery_fraction,
+
+# 4. evaluate
+from sinkinterp.evaluate import METRICS, Evaluation, evaluate, register_metric
+
+# 5. heads
+from sinkinterp.heads import SCORERS, classify_heads, copying_evidence, qk_by_label, register_scorer, top_heads
+
+# 6. views and figures
+from sinkinterp.figures import (
+    plot_alpha_heatmap,
+    plot_first_token_share,
+    plot_head_classes,
+    plot_intervention_effects,
+    plot_massive_activations,
+    plot_qkv_norms,
 )
 from sinkinterp.views import attention_view, compare_view
+
+# 7. experiments
+from sinkinterp.experiments import ExperimentSpec, builtin_specs, load_spec, run_experiment, validate_heads
 
 __all__ = [
     "SinkInterpError",
@@ -116,11 +96,11 @@ __all__ = [
     # evaluate
     "evaluate", "Evaluation", "METRICS", "register_metric",
     # heads
-    "classify_heads", "validate_heads", "copying_evidence", "qk_by_label", "top_heads", "SCORERS", "register_scorer",
+    "classify_heads", "copying_evidence", "qk_by_label", "top_heads", "SCORERS", "register_scorer",
     # views and figures
     "attention_view", "compare_view", "plot_first_token_share", "plot_alpha_heatmap", "plot_massive_activations",
     "plot_qkv_norms", "plot_intervention_effects", "plot_head_classes",
     # experiments
-    "ExperimentSpec", "load_spec", "builtin_specs", "run_experiment",
+    "ExperimentSpec", "load_spec", "builtin_specs", "run_experiment", "validate_heads",
 ]
 __version__ = "0.1.0"

@@ -17,7 +17,7 @@ def moved_names(old: str, new: dict[str, str]) -> tuple[Callable[[str], Any], Ca
     def __getattr__(name: str) -> Any:
         if name not in new:
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
-        warnings.warn(f"{old}.{name} moved to {new[name]}.{name}; {old} goes away in the next release",
+        warnings.warn(f"{old}.{name} moved to {new[name]}.{name}; the old path goes away in the next release",
                       DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(new[name]), name)
 

@@ -25,6 +25,7 @@ from sinkinterp.data import SAMPLING
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
 from sinkinterp.experiments.report import format_estimate
+from sinkinterp.experiments.validation import validate_heads
 from sinkinterp.figures import (
     figure_png,
     plot_head_classes,
@@ -36,7 +37,6 @@ from sinkinterp.heads import (
     classify_heads,
     copying_evidence,
     qk_by_label,
-    validate_heads,
 )
 from sinkinterp.interventions import Intervention, MaskSinkKey
 from sinkinterp.measure import qkv_geometry

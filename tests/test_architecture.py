@@ -132,6 +132,7 @@ def test_layers_only_import_downwards():
 
 
 OLD_PATHS = [
+    ("sinkinterp.heads", "validate_heads", "sinkinterp.experiments.validation"),
     ("sinkinterp.metrics", "sink_scores", "sinkinterp.measure.sinks"),
     ("sinkinterp.metrics", "SinkReport", "sinkinterp.measure.sinks"),
     ("sinkinterp.metrics", "alpha_at", "sinkinterp.measure.common"),
@@ -183,7 +184,8 @@ def test_cli_defaults_are_the_functions_defaults():
     import inspect
 
     from sinkinterp.cli import build_parser
-    from sinkinterp.heads import classify_heads, validate_heads
+    from sinkinterp.experiments import validate_heads
+    from sinkinterp.heads import classify_heads
     from sinkinterp.measure import scan, scan_corpus
 
     def default(function, name):

@@ -17,8 +17,8 @@ from sinkinterp.heads import (
     greedy_recall,
     head_scores,
     top_heads,
-    validate_heads,
 )
+from sinkinterp.experiments import validate_heads
 from sinkinterp.heads.recall import _rouge1_recall
 from sinkinterp.interventions import AblateHeads, Intervention, intervene
 from sinkinterp.measure import qk_massive_values, rotary_pairs

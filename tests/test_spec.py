@@ -87,7 +87,7 @@ def test_overrides_and_fingerprint():
     ({"criteria__0__kind": "improves"}, r"spec.criteria\[0\].kind: unknown kind 'improves'; allowed: increases"),
     ({"criteria__0__condition": "mask"}, r"'mask' repairs nothing: give it 'repairs: <condition>'"),
     ({"criteria__0__kind": "exceeds_control"}, r"no condition has control_for: 'slot'"),
-    ({"data__source": "missing.txt"}, r"spec.data.source: 'missing.txt' is neither one of \('corpus', 'random'\)"),
+    ({"data__source": "missing.txt"}, r"spec.data.source: 'missing.txt' is neither one of \('corpus', 'random', 'needle', 'repeated'\)"),
 ])
 def test_bad_specs_name_the_key(changes, message):
     with pytest.raises(SinkInterpError, match=message):

@@ -10,6 +10,7 @@ from sinkinterp.experiments.spec import (
     builtin_specs,
     load_spec,
 )
+from sinkinterp.experiments.validation import validate_heads, validation_specs
 from sinkinterp.stats import (
     Estimate,
     bootstrap_mean,
@@ -21,5 +22,5 @@ from sinkinterp.stats import (
 __all__ = [
     "ExperimentSpec", "DataSpec", "ConditionSpec", "Criterion", "BootstrapSpec", "load_spec", "builtin_specs",
     "run_experiment", "Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference",
-    "recovery_fraction",
+    "recovery_fraction", "validate_heads", "validation_specs",
 ]

@@ -31,15 +31,19 @@ from sinkinterp.data import (
     allowed_ids,
     corpus_documents,
     corpus_tokens,
+    corpus_windows,
+    needle_prompts,
     random_tokens,
+    repeated_random_tokens,
     resolve_first_token,
     resolve_token,
 )
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.evaluate import METRICS, Evaluator
+from sinkinterp.evaluate import METRICS, Evaluator, step_metrics
 from sinkinterp.experiments.report import assemble, write_outputs
-from sinkinterp.experiments.spec import ConditionSpec, ExperimentSpec
+from sinkinterp.experiments.spec import STEP_SOURCES, ConditionSpec, ExperimentSpec
 from sinkinterp.experiments.sweep import fast_sweep, sweep_variants
+from sinkinterp.heads.scores import RepeatedTokens
 from sinkinterp.interventions import (
     INTERVENTIONS,
     Intervention,
@@ -66,7 +70,14 @@ def check_against_model(spec: ExperimentSpec, model: Model) -> None:
     if spec.data.seq_len > cfg.n_ctx:
         raise SinkInterpError(f"spec.data.seq_len: {spec.data.seq_len} exceeds the model's context n_ctx = {cfg.n_ctx}")
     first = resolve_first_token(model, spec.data.first_token)
-    needs_tokenizer = spec.data.source != "random" or first != "none" and not isinstance(first, int)
+    needs_tokenizer = spec.data.source not in ("random", "repeated") or first != "none" and not isinstance(first, int)
+    if spec.data.calibration == "corpus_windows" and spec.data.n_calibration:
+        if getattr(model, "tokenizer", None) is None:
+            raise SinkInterpError(f"spec.data.calibration: corpus_windows need a tokenizer, and {cfg.model_name} has "
+                                  "none: use calibration 'same'")
+        if spec.data.calibration_seq_len > cfg.n_ctx:
+            raise SinkInterpError(f"spec.data.calibration_seq_len: {spec.data.calibration_seq_len} exceeds the "
+                                  f"model's context n_ctx = {cfg.n_ctx}")
     if needs_tokenizer and getattr(model, "tokenizer", None) is None:
         raise SinkInterpError(f"spec.data: source {spec.data.source!r} / first_token {spec.data.first_token!r} "
                               f"need a tokenizer, and {cfg.model_name} has none: use source 'random'")
@@ -86,13 +97,30 @@ def check_against_model(spec: ExperimentSpec, model: Model) -> None:
                 raise SinkInterpError(f"{where}: {e}") from None
 
 
-def _data(model: Model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Calibration and evaluation tokens (disjoint: calibration first) and how they were made."""
+def _data(model: Model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str, Any], tuple | None]:
+    """Calibration and evaluation tokens (disjoint: calibration first), how they were made, and the
+    steps to score for step sources (needle answers, induction targets; None: every query from
+    ``from_query`` on)."""
     data = spec.data
     n_total = data.n_calibration + data.n_seqs
     record: dict[str, Any] = {"source": data.source, "first_token": data.first_token,
                               "first_token_resolved": resolve_first_token(model, data.first_token)}
-    if data.source == "random":
+    steps = None
+    if data.source in STEP_SOURCES:
+        n_total = data.n_seqs if data.calibration == "corpus_windows" else n_total
+        if data.source == "needle":
+            needle = needle_prompts(model, n_total, data.seq_len, seed=data.seed, first_token=data.first_token)
+            tokens, record["needle"] = needle.tokens, needle.to_dict()
+            steps = needle.answer_steps()
+        else:
+            first = resolve_first_token(model, data.first_token)
+            repeated = RepeatedTokens(repeated_random_tokens(model, n_total, data.seq_len // 2, seed=data.seed,
+                                                             first_token=first),
+                                      data.seq_len // 2, offset=int(first != "none"))
+            tokens, steps = repeated.tokens, repeated.induction_steps()
+            record["repeated"] = {"n_seqs": n_total, "half_len": data.seq_len // 2}
+        record["seed"] = data.seed
+    elif data.source == "random":
         tokens = random_tokens(model, n_total, data.seq_len, seed=data.seed, first_token=data.first_token)
         record["seed"] = data.seed
     else:
@@ -115,7 +143,17 @@ def _data(model: Model, spec: ExperimentSpec) -> tuple[Tensor, Tensor, dict[str,
                 f"sequences: {e}"
             ) from None
     record["shape"] = list(tokens.shape)
-    return tokens[:data.n_calibration], tokens[data.n_calibration:], record
+    if data.calibration == "corpus_windows":
+        record["calibration"] = {"source": "corpus_windows", "n_seqs": data.n_calibration,
+                                 "seq_len": data.calibration_seq_len, "seed": data.seed}
+        calibration = (corpus_windows(model, data.n_calibration, data.calibration_seq_len, seed=data.seed)
+                       if data.n_calibration else tokens[:0])
+        return calibration, tokens, record, steps
+    if steps is not None:  # the steps of the evaluation rows, renumbered from 0
+        rows, queries, targets = steps
+        keep = rows >= data.n_calibration
+        steps = (rows[keep] - data.n_calibration, queries[keep], targets[keep])
+    return tokens[:data.n_calibration], tokens[data.n_calibration:], record, steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,13 +179,19 @@ class _Evaluator(Evaluator):
     """The evaluation engine on a spec's evaluation tokens; the clean run records alpha, and sweeps
     go through the fast sweep."""
 
-    def __init__(self, model: Model, spec: ExperimentSpec, tokens: Tensor):
+    def __init__(self, model: Model, spec: ExperimentSpec, tokens: Tensor, steps: tuple | None = None):
         super().__init__(model, tokens, metrics=spec.metrics, from_query=spec.from_query,
                          batch_size=spec.data.batch_size,
                          alpha=any(METRICS[m].from_alpha for m in spec.metrics))
-        self.spec = spec
+        self.spec, self.steps = spec, steps
 
     def run(self, interventions: list, first_token: Tensor | None = None, clean: bool = False) -> dict[str, Tensor]:
+        if self.steps is not None:  # needle answers / induction targets (the spec refused the rest)
+            if any(hasattr(iv, "build") for iv in interventions):
+                raise SinkInterpError("per-sequence patch sources (fit source 'other') need every query scored")
+            values = step_metrics(self.model, self.tokens, *self.steps, interventions=interventions,
+                                  batch_size=self.batch_size)
+            return {m: values[m] for m in self.metrics}
         return super().run(interventions, first_token=first_token, clean=clean,
                            record_alpha=self.alpha or clean)
 
@@ -195,8 +239,8 @@ class Prepared:
 
     def __init__(self, spec: ExperimentSpec, model: Model):
         self.spec, self.model = spec, model
-        self.calibration, self.evaluation, self.data = _data(model, spec)
-        self.evaluator = _Evaluator(model, spec, self.evaluation)
+        self.calibration, self.evaluation, self.data, steps = _data(model, spec)
+        self.evaluator = _Evaluator(model, spec, self.evaluation, steps)
 
 
 def _check_out(spec: ExperimentSpec, out: Path, resume: bool) -> None:

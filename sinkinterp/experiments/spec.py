@@ -35,7 +35,11 @@ __all__ = [
 SPEC_DIR = Path(__file__).with_name("specs")
 
 SWEEPS = ("layers", "heads")
-DATA_SOURCES = ("corpus", "random")
+DATA_SOURCES = ("corpus", "random", "needle", "repeated")
+#: Sources scored at chosen steps, not at every query from from_query on: the needle's answer tokens
+#: (teacher-forced reproduction) and the second half of repeated random tokens (induction targets).
+STEP_SOURCES = ("needle", "repeated")
+CALIBRATION_SOURCES = ("same", "corpus_windows")
 
 #: How a criterion turns an interval into pass / fail / inconclusive (see report.verdict).
 CRITERION_KINDS = {
@@ -64,6 +68,11 @@ class DataSpec:
     # 'consecutive' (chunks from the start of the text, the rule of sinkinterp before windows)
     sampling: str = "windows"
     batch_size: int = 8
+    # Where the calibration split comes from: 'same' (the first n_calibration sequences of source) or
+    # 'corpus_windows' (seeded windows of the offline corpus, calibration_seq_len tokens, which may
+    # overlap: what the head validation's mean ablation is fitted on, beside needle or repeated data).
+    calibration: str = "same"
+    calibration_seq_len: int = 128
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,11 @@ def _validate(spec: ExperimentSpec) -> None:
         _fail("spec.data.source", f"{data.source!r} is neither one of {DATA_SOURCES} nor an existing text file")
     if data.sampling not in SAMPLING:
         _fail("spec.data.sampling", f"{data.sampling!r} is not one of {SAMPLING}")
+    if data.calibration not in CALIBRATION_SOURCES:
+        _fail("spec.data.calibration", f"{data.calibration!r} is not one of {CALIBRATION_SOURCES}")
+    _at_least("spec.data.calibration_seq_len", data.calibration_seq_len, 2)
+    if data.source in STEP_SOURCES:
+        _validate_step_source(spec)
     _at_least("spec.data.seq_len", data.seq_len, 2)
     _at_least("spec.data.n_seqs", data.n_seqs, 2)  # a bootstrap over sequences needs two
     _at_least("spec.data.n_calibration", data.n_calibration, 0)
@@ -409,6 +423,25 @@ def _validate(spec: ExperimentSpec) -> None:
 
 
 MAX_DRAWS = 100
+
+
+def _validate_step_source(spec: ExperimentSpec) -> None:
+    """Needle and repeated-token data are scored at their steps: loss and accuracy only, no
+    sweeps (the fast sweep scores every query), no first-token swap, no alpha-based quantities."""
+    data = spec.data
+    if data.source == "repeated" and data.seq_len % 2:
+        _fail("spec.data.seq_len", f"{data.seq_len}: repeated tokens are two equal halves, so seq_len must be even")
+    other = [m for m in spec.metrics if m not in ("loss", "accuracy")]
+    if other:
+        _fail("spec.metrics", f"{other[0]!r}: {data.source} data are scored at their steps (loss and accuracy only)")
+    if spec.measurements:
+        _fail("spec.measurements", f"{data.source} data take no measurements (they read the clean run's alpha)")
+    for i, condition in enumerate(spec.conditions):
+        where = f"spec.conditions[{i}] ({condition.name!r})"
+        if condition.sweep is not None:
+            _fail(f"{where}.sweep", f"a sweep scores every query; {data.source} data are scored at their steps")
+        if condition.replace_first_token is not None:
+            _fail(f"{where}.replace_first_token", f"{data.source} data keep their first token")
 
 
 def _is_random(condition: ConditionSpec) -> bool:

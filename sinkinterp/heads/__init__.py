@@ -23,6 +23,8 @@ needs and reduces each layer's attention pattern to per-head sums in a hook (not
   ``A[i, j]`` for keys j >= 1: 0 = attends to itself, 1 = to the oldest non-sink token.
 """
 
+from sinkinterp._deprecated import moved_names
+
 # In dependency order: scores (data, reducers, the scorer registry) <- recall <- classify <- copying,
 # validate.
 from sinkinterp.heads.classify import (
@@ -46,7 +48,7 @@ from sinkinterp.heads.scores import (
     head_scores,
     register_scorer,
 )
-from sinkinterp.heads.validate import METRIC_NAMES, HeadValidation, validate_heads
+from sinkinterp.heads.validate import METRIC_NAMES, HeadValidation, head_sets
 
 __all__ = [
     "Scorer",
@@ -60,7 +62,7 @@ __all__ = [
     "greedy_recall",
     "classify_heads",
     "HeadValidation",
-    "validate_heads",
+    "head_sets",
     "top_heads",
     "qk_by_label",
     "ov_copying_scores",
@@ -68,3 +70,6 @@ __all__ = [
     "copying_evidence",
     "METRIC_NAMES",
 ]
+
+# validate_heads runs experiments, so it lives in the experiments layer now; the old path forwards.
+__getattr__, _ = moved_names(__name__, {"validate_heads": "sinkinterp.experiments.validation"})

@@ -7,42 +7,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-import torch
-from torch import Tensor
 
 from sinkinterp._batches import (
     check_bool,
     check_int,
     check_seed,
 )
-from sinkinterp.backends import (
-    Model,
-)
-from sinkinterp.data import (
-    NeedlePrompts,
-    corpus_windows,
-    needle_prompts,
-)
 from sinkinterp.errors import SinkInterpError
-from sinkinterp.evaluate import step_metrics
 from sinkinterp.heads.classify import check_thresholds, top_heads
-from sinkinterp.heads.scores import RepeatedTokens, make_repeated
-from sinkinterp.interventions import AblateHeads
 from sinkinterp.sites import head_label
-from sinkinterp.stats import bootstrap_mean, check_bootstrap_options, paired_difference
+from sinkinterp.stats import bootstrap_mean, paired_difference
 
 # --------------------------------------------------------------------------------------------
 # Causal validation: ablate the top recall heads, the top induction heads, and random heads
-
-
-def _task_metrics(model: Model, needle: NeedlePrompts, repeated: RepeatedTokens, interventions, batch_size: int
-                  ) -> dict[str, Tensor]:
-    rows, queries, targets = needle.answer_steps()
-    out = step_metrics(model, needle.tokens, rows, queries, targets, interventions=interventions,
-                       batch_size=batch_size)
-    induction = step_metrics(model, repeated.tokens, *repeated.induction_steps(), interventions=interventions,
-                             batch_size=batch_size)
-    return {"needle_loss": out["loss"], "needle_accuracy": out["accuracy"], "induction_loss": induction["loss"]}
 
 
 METRIC_NAMES = ("needle_loss", "needle_accuracy", "induction_loss")
@@ -168,49 +145,16 @@ def _layer_matched(pool: list[tuple[int, int]], reference: list[tuple[int, int]]
     return tuple(sorted(chosen))
 
 
-def validate_heads(
-    model: Model,
-    table: pd.DataFrame,
-    *,
-    k: int = 5,
-    n_random: int = 5,
-    ablation: str = "mean",
-    sets: str = "top",
-    seed: int = 0,
-    n_prompts: int = 16,
-    context_len: int = 512,
-    n_seqs: int = 16,
-    half_len: int = 64,
-    n_reference: int = 16,
-    batch_size: int = 4,
-    n_resamples: int = 2000,
-    per_head: bool = False,
-    match: str = "layer",
-) -> HeadValidation:
-    """Ablate the top-``k`` recall heads, the top-``k`` induction heads and ``n_random`` seeded
-    draws of ``k`` other heads (none of either top set); measure the needle reproduction loss and
-    accuracy (teacher-forced) and the induction loss on repeated random tokens (second half).
-    With ``per_head``, also each head of the two sets alone (one-head-at-a-time ablation, as in
-    ARENA: a set's effect can be one head's, or need several together).
-    ``match="layer"`` (default) draws each random set layer-matched to the induction set: for each of
-    its heads, a random other head of the same layer (the nearest layer with one left, if none);
-    ``"none"`` draws ``k`` heads uniformly from the rest.
-
-    ``sets="exclusive"`` takes the top-``k`` recall heads among those *not* labelled induction and
-    the top-``k`` induction heads among those not labelled recall: when the two scores pick the
-    same heads (copying on repeated tokens and copying a needle look alike), only the exclusive
-    sets can dissociate. The data are held out from the classification: seeds ``seed + 1000`` on. ``ablation``:
-    ``"mean"`` (default) replaces each head's output at queries i >= 1 by its mean over
-    ``n_reference`` corpus windows, so only what the head reads from its input is removed;
-    ``"zero"`` also removes the constant it writes, which for a sink-dominated head is the sink's
-    value, known to cost loss by itself.
-    """
+def head_sets(table: pd.DataFrame, *, k: int, n_random: int, sets: str, seed: int, match: str,
+              per_head: bool = False) -> dict[str, tuple[tuple[int, int], ...]]:
+    """The heads each validation condition ablates, by condition name: ``recall`` and ``induction``
+    (the top ``k`` by score, or by score among the heads without the other label for
+    ``sets="exclusive"``), ``random-i`` (``n_random`` seeded draws of ``k`` other heads, layer-matched
+    to the induction set for ``match="layer"``), and with ``per_head`` each head of the two sets
+    alone (``alone-L{l}H{h}``)."""
     if not isinstance(table, pd.DataFrame):
         raise SinkInterpError(f"validate_heads takes the table from classify_heads, got {type(table).__name__}")
     check_seed(seed)
-    check_bootstrap_options(n_resamples, 0.95)
-    if ablation not in ("mean", "zero"):
-        raise SinkInterpError(f"ablation {ablation!r} is not one of 'mean', 'zero'")
     for label in ("recall", "induction"):
         if label not in table.columns:
             raise SinkInterpError(f"the table has no {label!r} score: classify with that scorer first")
@@ -235,35 +179,8 @@ def validate_heads(
         draws = [tuple(sorted(random.Random(seed * 1000 + i).sample(pool, k))) for i in range(n_random)]
     else:
         draws = [_layer_matched(pool, induction, random.Random(seed * 1000 + i)) for i in range(n_random)]
-
-    eval_seed = seed + 1000
-    needle = needle_prompts(model, n_prompts, context_len, seed=eval_seed)
-    repeated = make_repeated(model, n_seqs, half_len, eval_seed)
-    means = None
-    if ablation == "mean":
-        reference = corpus_windows(model, n_reference, 128, seed=eval_seed)
-        means = AblateHeads.fit(model, reference, heads=everyone)
-
-    def ablate(heads) -> list:
-        if means is None:
-            return [AblateHeads(heads=heads, mode="zero")]
-        index = [everyone.index(p) for p in heads]
-        return [AblateHeads(heads=heads, mode="mean", value=[means.value[i] for i in index])]
-
-    conditions = {"clean": (), "recall": tuple(recall), "induction": tuple(induction)}
+    conditions = {"recall": tuple(recall), "induction": tuple(induction)}
     conditions.update({f"random-{i}": draw for i, draw in enumerate(draws)})
     if per_head:
         conditions.update({f"alone-{head_label(*pair)}": (pair,) for pair in dict.fromkeys(recall + induction)})
-    per_seq: dict[str, dict[str, list[float]]] = {}
-    for name, heads in conditions.items():
-        metrics = _task_metrics(model, needle, repeated, ablate(heads) if heads else [], batch_size)
-        per_seq[name] = {m: metrics[m].tolist() for m in METRIC_NAMES}
-    per_seq["random"] = {
-        m: torch.tensor([per_seq[f"random-{i}"][m] for i in range(n_random)]).mean(dim=0).tolist()
-        for m in METRIC_NAMES
-    }
-    return HeadValidation(
-        k=k, ablation=ablation, sets=sets, conditions=conditions, per_seq=per_seq, n_resamples=n_resamples, seed=seed,
-        match=match, data={"needle": needle.to_dict(), "repeated": {"n_seqs": n_seqs, "half_len": half_len, "seed": eval_seed},
-              "reference": None if means is None else {"n_seqs": n_reference, "seq_len": 128, "seed": eval_seed}},
-    )
+    return conditions
