@@ -31,15 +31,21 @@ from sinkinterp.stats import Estimate, bootstrap_mean, paired_difference, recove
 # ``from sinkinterp.scan import ...`` cannot rebind ``sinkinterp.scan``, the function, to it.
 from sinkinterp import scan as _old_scan_module  # noqa: F401
 from sinkinterp.measure import (
+    FormationTrace,
     ResidualProfile,
+    ResidualSinks,
+    SinkChain,
     ScanResult,
     SinkReport,
     find_massive_activations,
+    formation_trace,
     qk_massive_values,
     qkv_geometry,
     register_measurement,
     residual_profile,
+    residual_sinks,
     scan,
+    sink_chain,
     sink_scores,
     stable_massive_channels,
     value_weighted_attention,
@@ -49,9 +55,11 @@ from sinkinterp.measure import (
 from sinkinterp.interventions import (
     INTERVENTIONS,
     AblateHeads,
+    AblateNeurons,
     AblateSinkValue,
     ConstantAttentionBias,
     EditMassiveChannels,
+    EditResidualDimension,
     Intervention,
     MaskSinkKey,
     PatchFirstTokenResidual,
@@ -78,7 +86,17 @@ from sinkinterp.figures import (
 from sinkinterp.views import attention_view, compare_view
 
 # 7. experiments
-from sinkinterp.experiments import ExperimentSpec, builtin_specs, load_spec, run_experiment, validate_heads
+from sinkinterp.experiments import (
+    ExperimentSpec,
+    FormationTest,
+    ResidualSinkTest,
+    builtin_specs,
+    formation_test,
+    residual_sink_test,
+    load_spec,
+    run_experiment,
+    validate_heads,
+)
 
 __all__ = [
     "SinkInterpError",
@@ -89,10 +107,11 @@ __all__ = [
     # measure
     "SinkReport", "sink_scores", "find_massive_activations", "stable_massive_channels", "ResidualProfile",
     "residual_profile", "qkv_geometry", "qk_massive_values", "value_weighted_attention", "ScanResult", "scan",
-    "register_measurement",
+    "register_measurement", "FormationTrace", "formation_trace", "SinkChain", "sink_chain",
+    "ResidualSinks", "residual_sinks",
     # interventions
     "Intervention", "INTERVENTIONS", "MaskSinkKey", "AblateSinkValue", "ReplaceSinkKey", "EditMassiveChannels",
-    "PatchFirstTokenResidual", "ConstantAttentionBias", "AblateHeads", "fit_constant_bias", "intervene",
+    "PatchFirstTokenResidual", "ConstantAttentionBias", "AblateHeads", "AblateNeurons", "EditResidualDimension", "fit_constant_bias", "intervene",
     # evaluate
     "evaluate", "Evaluation", "METRICS", "register_metric",
     # heads
@@ -102,5 +121,6 @@ __all__ = [
     "plot_qkv_norms", "plot_intervention_effects", "plot_head_classes",
     # experiments
     "ExperimentSpec", "load_spec", "builtin_specs", "run_experiment", "validate_heads",
+    "FormationTest", "formation_test", "ResidualSinkTest", "residual_sink_test",
 ]
 __version__ = "0.1.0"

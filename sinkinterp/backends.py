@@ -171,7 +171,7 @@ class Capabilities:
 _CAPABILITIES_ATTR = "_sinkinterp_capabilities"
 _PROBED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
            "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_resid_pre", "hook_resid_mid",
-           "hook_resid_post")
+           "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
 
 
 def _device(model: Model) -> torch.device:
@@ -284,6 +284,8 @@ _EDITS: dict[str, tuple[Any, str | None, Any]] = {
     "attn.hook_v": (lambda x: _zero_rows(x, 1), "attn.hook_z", lambda seen, clean: not torch.equal(seen, clean)),
     "attn.hook_z": (lambda x: x * 0, None, None),
     "hook_resid_pre": (_zero_first, None, None),
+    # an MLP neuron edit must reach the block's MLP output
+    "mlp.hook_post": (_zero_first, "hook_mlp_out", lambda seen, clean: not torch.equal(seen, clean)),
     "hook_resid_mid": (_zero_first, None, None),
     "hook_resid_post": (_zero_first, None, None),
 }

@@ -11,9 +11,11 @@ from sinkinterp.data import random_tokens
 from sinkinterp.interventions import (
     INTERVENTIONS,
     AblateHeads,
+    AblateNeurons,
     AblateSinkValue,
     ConstantAttentionBias,
     EditMassiveChannels,
+    EditResidualDimension,
     Intervention,
     MaskSinkKey,
     PatchFirstTokenResidual,
@@ -62,6 +64,10 @@ def every_intervention(model, tokens):
         fit_constant_bias(model, tokens, from_query=4),
         AblateHeads(heads=[(0, 1), (1, 5)], mode="zero"),
         AblateHeads.fit(model, tokens, heads=[(1, 0), (0, 2)]),
+        AblateNeurons(layer=1, neurons=(2, 9), positions=(0, 1)),
+        AblateNeurons.fit(model, tokens, layer=0, neurons=(4,)),
+        EditResidualDimension(channels=(3,), multiple=2.0),
+        EditResidualDimension.fit(model, tokens, channels=(3, 7), layers=(1,), mode="mean", from_position=1),
     ]
 
 
@@ -350,7 +356,7 @@ def test_every_intervention_round_trips_through_json_and_yaml(llama, tokens):
 
 
 def test_bad_records_are_refused():
-    with pytest.raises(SinkInterpError, match="unknown intervention 'MaskSink': use one of AblateHeads, AblateSinkValue"):
+    with pytest.raises(SinkInterpError, match="unknown intervention 'MaskSink': use one of AblateHeads, AblateNeurons, AblateSinkValue"):
         Intervention.from_dict({"type": "MaskSink"})
     with pytest.raises(SinkInterpError, match="MaskSinkKey has no field 'from_qeury'"):
         Intervention.from_dict({"type": "MaskSinkKey", "from_qeury": 3})

@@ -70,7 +70,7 @@ def test_overrides_and_fingerprint():
     ({"metrics": ["kl"]}, r"spec.metrics: must include 'loss'"),
     ({"conditions__0__colour": 1}, r"spec.conditions\[0\]: unknown key 'colour'"),
     ({"conditions__0__interventions": [{"type": "MaskSinkKeys"}]},
-     r"interventions\[0\]: unknown intervention 'MaskSinkKeys'; allowed: AblateHeads, AblateSinkValue, ConstantAttentionBias"),
+     r"interventions\[0\]: unknown intervention 'MaskSinkKeys'; allowed: AblateHeads, AblateNeurons, AblateSinkValue, ConstantAttentionBias"),
     ({"conditions__0__interventions": [{"type": "MaskSinkKey", "query": 3}]},
      r"MaskSinkKey has no field 'query'; its fields: from_query, heads, layers, position, fit"),
     ({"conditions__0__interventions": [{"type": "MaskSinkKey", "from_query": 0}]},

@@ -1,5 +1,12 @@
 """Reproducible hypothesis experiments: specs, the runner, reports, and their statistics."""
 
+from sinkinterp.experiments.formation import (
+    ChainEffects,
+    FormationTest,
+    ResidualSinkTest,
+    formation_test,
+    residual_sink_test,
+)
 from sinkinterp.experiments.runner import run_experiment
 from sinkinterp.experiments.spec import (
     BootstrapSpec,
@@ -22,5 +29,6 @@ from sinkinterp.stats import (
 __all__ = [
     "ExperimentSpec", "DataSpec", "ConditionSpec", "Criterion", "BootstrapSpec", "load_spec", "builtin_specs",
     "run_experiment", "Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference",
-    "recovery_fraction", "validate_heads", "validation_specs",
+    "recovery_fraction", "validate_heads", "validation_specs", "FormationTest", "formation_test",
+    "ChainEffects", "ResidualSinkTest", "residual_sink_test",
 ]

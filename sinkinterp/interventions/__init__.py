@@ -25,8 +25,10 @@ from sinkinterp.interventions.base import (
     intervene,
     register_intervention,
 )
+from sinkinterp.interventions.dimensions import EditResidualDimension
 from sinkinterp.interventions.keys import MaskSinkKey, ReplaceSinkKey
 from sinkinterp.interventions.massive import EditMassiveChannels
+from sinkinterp.interventions.neurons import AblateNeurons
 from sinkinterp.interventions.residual import PatchFirstTokenResidual, PerSequencePatch
 from sinkinterp.interventions.slot import ConstantAttentionBias, fit_constant_bias
 from sinkinterp.interventions.values import AblateSinkValue
@@ -41,6 +43,8 @@ __all__ = [
     "PerSequencePatch",
     "ConstantAttentionBias",
     "AblateHeads",
+    "AblateNeurons",
+    "EditResidualDimension",
     "fit_constant_bias",
     "intervene",
     "INTERVENTIONS",

@@ -12,10 +12,16 @@ averaged with equal weight: first over the positions of one sequence, then over 
 - :mod:`~sinkinterp.measure.geometry`: :func:`qkv_geometry`, q/k/v norms and angles;
 - :mod:`~sinkinterp.measure.value_weighted`: :func:`value_weighted_attention`;
 - :mod:`~sinkinterp.measure.qk`: :func:`qk_massive_values` (Jin et al.);
-- :mod:`~sinkinterp.measure.scan`: :func:`scan`, all of the first two in one pass.
+- :mod:`~sinkinterp.measure.scan`: :func:`scan`, all of the first two in one pass;
+- :mod:`~sinkinterp.measure.formation`: :func:`formation_trace` (which block, component and
+  neurons write a massive channel) and :func:`sink_chain` (massive activation -> normalised
+  input -> small key/value -> sink, per block);
+- :mod:`~sinkinterp.measure.residual_sinks`: :func:`residual_sinks`, fixed dimensions large on
+  most tokens, with what the norms do with them.
 """
 
-# In dependency order: common <- sinks, massive, geometry <- value_weighted, qk <- scan.
+# In dependency order: common <- sinks, massive, geometry <- value_weighted, qk <- scan;
+# massive <- formation; residual_sinks.
 from sinkinterp.measure.common import (
     MASSIVE_COLUMNS,
     MEASUREMENTS,
@@ -23,6 +29,14 @@ from sinkinterp.measure.common import (
     alpha_at,
     register_measurement,
     seen_counts,
+)
+from sinkinterp.measure.formation import (
+    CHAIN_LINKS,
+    FormationTrace,
+    SinkChain,
+    formation_trace,
+    sink_chain,
+    traced_channels,
 )
 from sinkinterp.measure.geometry import head_frame, qkv_geometry
 from sinkinterp.measure.massive import (
@@ -33,6 +47,7 @@ from sinkinterp.measure.massive import (
     stable_massive_channels,
 )
 from sinkinterp.measure.qk import QKMassiveValues, qk_massive_values, rotary_pairs
+from sinkinterp.measure.residual_sinks import ResidualSinks, read_weights, residual_sinks
 from sinkinterp.measure.scan import ScanResult, scan, scan_corpus
 from sinkinterp.measure.sinks import SinkReport, sink_scores
 from sinkinterp.measure.value_weighted import (
@@ -47,5 +62,7 @@ __all__ = [
     "head_frame", "qkv_geometry", "value_weighted_attention",
     "QKMassiveValues", "qk_massive_values", "rotary_pairs",
     "ScanResult", "scan", "scan_corpus",
+    "ResidualSinks", "residual_sinks", "read_weights",
+    "FormationTrace", "formation_trace", "SinkChain", "sink_chain", "CHAIN_LINKS", "traced_channels",
     "MEASUREMENTS", "Measurement", "register_measurement", "value_weighted_measurement",
 ]

@@ -1,0 +1,61 @@
+"""Integration: where the sink comes from on the two embedded models (formation trace, the causal
+test of its writers, residual sinks and the norms that silence them)."""
+
+import pytest
+
+from sinkinterp.data import corpus_tokens
+from sinkinterp.experiments import formation_test
+from sinkinterp.measure import formation_trace, read_weights, residual_sinks
+
+pytestmark = [pytest.mark.integration, pytest.mark.backend]
+
+
+def test_smollm2_channel_507_is_written_by_two_neurons_of_block_11(smollm2):
+    tokens = corpus_tokens(smollm2, 16, 32, seed=0)
+    trace = formation_trace(smollm2, tokens[:8])
+    assert trace.channels[0] == 507
+    step = trace.step_up(n_resamples=200).set_index("channel").loc[507]
+    assert step.step_layer == 11 and step.writer == "mlp" and step.writer_share > 0.99
+    assert step.after > 15_000 and step.before < 100  # the second stage: ~23,000 from block 11 on
+    top = trace.top_neurons(507, n=2)
+    assert set(top.neuron) == {1229, 1487} and top.cumulative_share.iloc[-1] > 0.99
+
+    result = formation_test(smollm2, tokens[8:], calibration=tokens[:8], n_resamples=500)
+    assert (result.layer, set(result.neurons)) == (11, {1229, 1487})
+    clean = float(result.downstream("clean", "massive").mean())
+    for mode in ("zero", "mean"):
+        assert result.effect(f"writers {mode}", "massive").high < -0.95 * clean
+        assert result.effect(f"writers {mode}", "first_share").high < -0.2
+        assert result.effect(f"writers {mode}", "loss").low > 0.5
+        assert abs(result.effect(f"control {mode}", "massive").value) < 0.01 * clean
+        assert abs(result.effect(f"control {mode}", "loss").value) < 0.05
+
+
+def test_gemma_dimension_163_is_a_residual_sink_its_norms_silence(gemma):
+    silenced = {5, 7, 8, 9, 10, 11, 12, 14, 15, 16, 17}  # (1 + w) of pre_feedforward_layernorm is exactly 0
+    for layer in range(gemma.cfg.n_layers):
+        read = float(read_weights(gemma, layer)["mlp"][163])
+        assert (read == 0) == (layer in silenced), (layer, read)
+    found = residual_sinks(gemma, corpus_tokens(gemma, 4, 32, seed=0))
+    assert 163 in found.channels
+    rows = found.table[found.table.channel == 163].set_index("layer")
+    assert set(range(8, 18)) <= set(rows.index)
+    assert (rows.fraction_of_tokens > 0.9).all() and (rows.first_share > 0.95).all()
+    assert rows.loc[12, "mean_share"] > 0.5 and rows.loc[12, "mlp_read"] == 0
+
+
+def test_gemma_dimension_163_steps_up_through_one_neuron_of_block_5(gemma):
+    trace = formation_trace(gemma, corpus_tokens(gemma, 2, 32, seed=0), channels=[163])
+    step = trace.step_up(n_resamples=200).iloc[0]
+    assert step.step_layer == 5 and step.writer == "mlp"
+    top = trace.top_neurons(163, n=1)
+    assert int(top.neuron.iloc[0]) == 584 and top.share.iloc[0] > 0.95
+    # The first token is <bos> in every sequence and sees only itself: its trace is input-independent.
+    assert float(trace.resid[:, 5, 0].std()) < 1e-3 * float(trace.resid[:, 5, 0].abs().mean())
+
+
+def test_gemma_parts_add_up_through_its_post_norms(gemma):
+    trace = formation_trace(gemma, corpus_tokens(gemma, 2, 16, seed=1), channels=[163, 400])
+    mlp, attn = trace.mlp.mean(dim=0), trace.attn.mean(dim=0)
+    assert (trace.neurons.sum(dim=1) + trace.mlp_bias - mlp).abs().max() < 1e-4 * mlp.abs().max()
+    assert (trace.heads.sum(dim=1) + trace.attn_bias - attn).abs().max() < 1e-4 * attn.abs().max()
