@@ -37,6 +37,7 @@ from sinkinterp.measure import (
     SinkChain,
     ScanResult,
     SinkReport,
+    attention_budget,
     find_massive_activations,
     formation_trace,
     qk_massive_values,
@@ -61,11 +62,15 @@ from sinkinterp.interventions import (
     EditMassiveChannels,
     EditResidualDimension,
     Intervention,
+    KeyValueSlot,
     MaskSinkKey,
+    OutputGate,
     PatchFirstTokenResidual,
     ReplaceSinkKey,
+    WindowAttention,
     fit_constant_bias,
     intervene,
+    softmax_off_by_one,
 )
 
 # 4. evaluate
@@ -87,9 +92,11 @@ from sinkinterp.views import attention_view, compare_view
 
 # 7. experiments
 from sinkinterp.experiments import (
+    BosTest,
     ExperimentSpec,
     FormationTest,
     ResidualSinkTest,
+    bos_test,
     builtin_specs,
     formation_test,
     residual_sink_test,
@@ -108,10 +115,11 @@ __all__ = [
     "SinkReport", "sink_scores", "find_massive_activations", "stable_massive_channels", "ResidualProfile",
     "residual_profile", "qkv_geometry", "qk_massive_values", "value_weighted_attention", "ScanResult", "scan",
     "register_measurement", "FormationTrace", "formation_trace", "SinkChain", "sink_chain",
-    "ResidualSinks", "residual_sinks",
+    "ResidualSinks", "residual_sinks", "attention_budget",
     # interventions
     "Intervention", "INTERVENTIONS", "MaskSinkKey", "AblateSinkValue", "ReplaceSinkKey", "EditMassiveChannels",
-    "PatchFirstTokenResidual", "ConstantAttentionBias", "AblateHeads", "AblateNeurons", "EditResidualDimension", "fit_constant_bias", "intervene",
+    "PatchFirstTokenResidual", "ConstantAttentionBias", "AblateHeads", "AblateNeurons", "EditResidualDimension", "KeyValueSlot", "OutputGate", "softmax_off_by_one",
+    "WindowAttention", "fit_constant_bias", "intervene",
     # evaluate
     "evaluate", "Evaluation", "METRICS", "register_metric",
     # heads
@@ -122,5 +130,6 @@ __all__ = [
     # experiments
     "ExperimentSpec", "load_spec", "builtin_specs", "run_experiment", "validate_heads",
     "FormationTest", "formation_test", "ResidualSinkTest", "residual_sink_test",
+    "BosTest", "bos_test",
 ]
 __version__ = "0.1.0"

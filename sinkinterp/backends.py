@@ -171,7 +171,7 @@ class Capabilities:
 _CAPABILITIES_ATTR = "_sinkinterp_capabilities"
 _PROBED = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k",
            "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_resid_pre", "hook_resid_mid",
-           "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post")
+           "hook_resid_post", "hook_attn_out", "hook_mlp_out", "mlp.hook_post", "ln1.hook_normalized")
 
 
 def _device(model: Model) -> torch.device:

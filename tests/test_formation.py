@@ -287,3 +287,28 @@ def test_specs_refuse_incomplete_records(tmp_path, condition, message):
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(SinkInterpError, match=message.replace("{", r"\{").replace("}", r"\}")):
         load_spec(path)
+
+
+def test_formation_test_can_ablate_the_writers_of_several_blocks():
+    model = tiny_llama(n_layers=4)
+    channel = planted_channel(model)
+    w_out = model.blocks[2].mlp.W_out[:, channel].detach()
+    second = int(w_out.abs().argmax())
+    sign = 1.0 if float(w_out[second]) * float(model.blocks[LAYER].mlp.W_out[NEURON, channel].detach()) > 0 else -1.0
+
+    def boost(neuron, value):
+        def hook(post, hook):
+            post = post.clone()
+            post[:, 0, neuron] = value
+            return post
+        return hook
+
+    hooks = [(f"blocks.{LAYER}.mlp.hook_post", boost(NEURON, BOOST)), ("blocks.2.mlp.hook_post", boost(second, sign * BOOST))]
+    with model.hooks(fwd_hooks=hooks):
+        result = formation_test(model, tokens(model, n=6, seed=1), calibration=tokens(model, n=6), channel=channel,
+                                n_blocks=2, n_resamples=200)
+    assert result.writers == {LAYER: (NEURON,), 2: (second,)} and result.first_block == 3
+    assert len(result.interventions["writers zero"]) == 2
+    clean = float(result.downstream("clean", "massive").mean())
+    assert result.effect("writers zero", "massive").high < -0.5 * clean
+    assert "block 1: neurons" in result.summary() and "block 2: neurons" in result.summary()

@@ -59,3 +59,25 @@ def test_gemma_parts_add_up_through_its_post_norms(gemma):
     mlp, attn = trace.mlp.mean(dim=0), trace.attn.mean(dim=0)
     assert (trace.neurons.sum(dim=1) + trace.mlp_bias - mlp).abs().max() < 1e-4 * mlp.abs().max()
     assert (trace.heads.sum(dim=1) + trace.attn_bias - attn).abs().max() < 1e-4 * attn.abs().max()
+
+
+def test_bos_test_scores_the_same_targets_with_and_without_bos(smollm2):
+    import torch
+
+    from sinkinterp.experiments import bos_test
+
+    result = bos_test(smollm2, n_seqs=4, seq_len=32, n_resamples=200)
+    assert result.bos_token == "<|im_start|>"
+    with_bos = corpus_tokens(smollm2, 4, 33, first_token="bos", seed=0)
+    assert (with_bos[:, 0] == smollm2.tokenizer.convert_tokens_to_ids("<|im_start|>")).all()
+    with torch.no_grad():
+        logits_with = smollm2(with_bos).double().log_softmax(-1)
+        logits_without = smollm2(with_bos[:, 1:]).double().log_softmax(-1)
+    nll_with = -logits_with[:, 1:-1].gather(-1, with_bos[:, 2:, None])[..., 0].mean(dim=1)
+    nll_without = -logits_without[:, :-1].gather(-1, with_bos[:, 2:, None])[..., 0].mean(dim=1)
+    assert torch.allclose(result.loss["with"].double(), nll_with, atol=1e-4)
+    assert torch.allclose(result.loss["without"].double(), nll_without, atol=1e-4)
+    # SmolLM2 was not trained with a BOS: the first position is the sink either way.
+    for name in ("with", "without"):
+        assert float(result.sinks[name].alpha_first.mean()) > 0.25
+    assert "loss without minus with" in result.summary()

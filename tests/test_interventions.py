@@ -16,6 +16,9 @@ from sinkinterp.interventions import (
     ConstantAttentionBias,
     EditMassiveChannels,
     EditResidualDimension,
+    KeyValueSlot,
+    OutputGate,
+    WindowAttention,
     Intervention,
     MaskSinkKey,
     PatchFirstTokenResidual,
@@ -68,6 +71,11 @@ def every_intervention(model, tokens):
         AblateNeurons.fit(model, tokens, layer=0, neurons=(4,)),
         EditResidualDimension(channels=(3,), multiple=2.0),
         EditResidualDimension.fit(model, tokens, channels=(3, 7), layers=(1,), mode="mean", from_position=1),
+        KeyValueSlot.fit(model, tokens, from_query=4),
+        KeyValueSlot.fit(model, tokens, from_query=4, with_value=False, layers=(1,), heads=(0, 3)),
+        OutputGate(kind="constant", bias=[[2.0] * 6] * 2, from_query=4),
+        OutputGate(kind="headwise", weight=[[[0.01] * 6] * 48] * 2, bias=[[2.0] * 6] * 2, from_query=4),
+        WindowAttention(window=5, n_initial=1),
     ]
 
 

@@ -39,7 +39,7 @@ def spec_with(**changes):
 
 def test_builtin_specs_load_and_round_trip():
     names = set(builtin_specs())
-    assert names == {"implicit-bias", "no-op", "massive"}
+    assert names == {"implicit-bias", "no-op", "massive", "stand-ins", "window-attention"}
     for name in names:
         spec = load_spec(name)
         assert spec.name == name

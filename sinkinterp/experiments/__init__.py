@@ -1,5 +1,6 @@
 """Reproducible hypothesis experiments: specs, the runner, reports, and their statistics."""
 
+from sinkinterp.experiments.bos import BosTest, bos_test
 from sinkinterp.experiments.formation import (
     ChainEffects,
     FormationTest,
@@ -30,5 +31,5 @@ __all__ = [
     "ExperimentSpec", "DataSpec", "ConditionSpec", "Criterion", "BootstrapSpec", "load_spec", "builtin_specs",
     "run_experiment", "Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference",
     "recovery_fraction", "validate_heads", "validation_specs", "FormationTest", "formation_test",
-    "ChainEffects", "ResidualSinkTest", "residual_sink_test",
+    "ChainEffects", "ResidualSinkTest", "residual_sink_test", "BosTest", "bos_test",
 ]

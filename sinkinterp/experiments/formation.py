@@ -5,7 +5,7 @@ attention on the sink) and to the loss, each against a matched random control.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -41,7 +41,8 @@ class ChainEffects:
     over the blocks from ``first_block`` on (those the edit can reach).
     """
 
-    interventions: dict[str, Intervention]
+    interventions: dict[str, Any]
+    """condition -> an intervention, or a tuple of them applied together"""
     chains: dict[str, SinkChain]
     loss: dict[str, Tensor]
     first_block: int
@@ -119,7 +120,8 @@ class ChainEffects:
         return lines
 
     def effects_dict(self) -> dict[str, Any]:
-        return {"interventions": {name: iv.to_dict() for name, iv in self.interventions.items()},
+        return {"interventions": {name: [iv.to_dict() for iv in (ivs if isinstance(ivs, tuple) else (ivs,))]
+                                  for name, ivs in self.interventions.items()},
                 "first_block": self.first_block,
                 "conditions": self.frame().to_dict(orient="records"),
                 "per_layer": {link: self.per_layer(link).to_dict(orient="list") for link in CHAIN_LINKS},
@@ -137,16 +139,27 @@ class FormationTest(ChainEffects):
 
     trace: FormationTrace | None = None
     channel: int = 0
-    layer: int = 0
-    neurons: tuple[int, ...] = ()
+    writers: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    """{block: neurons}: the ablated writers, one entry per ablated block."""
+
+    @property
+    def layer(self) -> int:
+        """The step-up block (the first ablated one)."""
+        return min(self.writers)
+
+    @property
+    def neurons(self) -> tuple[int, ...]:
+        """The writers ablated in the step-up block."""
+        return self.writers[self.layer]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"channel": self.channel, "layer": self.layer, "neurons": list(self.neurons), **self.effects_dict(),
-                "trace": self.trace.to_dict()}
+        return {"channel": self.channel, "writers": {str(k): list(v) for k, v in self.writers.items()},
+                **self.effects_dict(), "trace": self.trace.to_dict()}
 
     def summary(self) -> str:
-        return "\n".join([f"writers of channel {self.channel}: block {self.layer}, neurons {list(self.neurons)}; "
-                          f"means over blocks {self.first_block}..:"] + self._lines())
+        blocks = "; ".join(f"block {layer}: neurons {list(neurons)}" for layer, neurons in self.writers.items())
+        return "\n".join([f"writers of channel {self.channel} ({blocks}); means over blocks {self.first_block}..:"]
+                         + self._lines())
 
 
 @dataclass(frozen=True, repr=False)
@@ -169,11 +182,12 @@ class ResidualSinkTest(ChainEffects):
                           f"(clip to {self.multiple:g} x RMS, norm kept); means over every block:"] + self._lines())
 
 
-def _run_conditions(model: Model, tokens: Tensor, interventions: dict[str, Intervention], channels, *,
+def _run_conditions(model: Model, tokens: Tensor, interventions: dict[str, Any], channels, *,
                     position: int, batch_size: int, progress) -> tuple[dict[str, SinkChain], dict[str, Tensor]]:
+    """Each condition's chain and loss; a condition is an intervention or a tuple of them."""
     chains, loss = {}, {}
-    for name, intervention in {"clean": None, **interventions}.items():
-        applied = () if intervention is None else (intervention,)
+    for name, intervention in {"clean": (), **interventions}.items():
+        applied = intervention if isinstance(intervention, tuple) else (intervention,)
         with intervene(model, *applied):
             chains[name] = sink_chain(model, tokens, channels=channels, position=position, batch_size=batch_size,
                                       progress=progress)
@@ -191,6 +205,7 @@ def formation_test(
     n_neurons: int | None = None,
     share: float | int = 0.9,
     max_neurons: int = 20,
+    n_blocks: int = 1,
     position: int = 0,
     seed: int = 0,
     pool: int = 4,
@@ -203,7 +218,9 @@ def formation_test(
     MLP's part (or ``n_neurons`` of them; at most ``max_neurons``), and ablate them at the sink only
     on ``tokens`` (held out): zeroed, set to their mean at the other positions, and the same for a
     matched random-neuron control (seeded). Each condition's chain and loss are measured on the
-    same tokens (see :class:`FormationTest`)."""
+    same tokens (see :class:`FormationTest`). ``n_blocks > 1`` ablates the writers of each of the
+    ``n_blocks`` blocks that grow the channel most (a channel built up over several blocks, as
+    Gemma's 163, survives the loss of one writer); links are then summarised after the last."""
     check_bootstrap_options(n_resamples, 0.95)
     check_int("max_neurons", max_neurons, 1)
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
@@ -211,28 +228,36 @@ def formation_test(
     trace = formation_trace(model, calibration, channels=channel, position=position, batch_size=batch_size,
                             progress=progress)
     channel = trace.channels[0] if channel is None else channel
+    n_blocks = check_int("n_blocks", n_blocks, 1)
+    growth = trace.growth[:, :, trace.channels.index(channel)].mean(dim=0)
+    blocks = sorted(int(b) for b in growth.argsort(descending=True)[:n_blocks])
+    if blocks[-1] == model.cfg.n_layers - 1:
+        raise SinkInterpError(f"channel {channel} grows most in the last block ({blocks[-1]}): no block reads it "
+                              "afterwards")
     layer = trace.step_layer(channel)
-    if layer == model.cfg.n_layers - 1:
-        raise SinkInterpError(f"channel {channel} steps up in the last block ({layer}): no block reads it afterwards")
-    if trace.step_up().set_index("channel").loc[channel, "writer"] != "mlp":
+    if n_blocks == 1 and trace.step_up().set_index("channel").loc[channel, "writer"] != "mlp":
         raise SinkInterpError(f"channel {channel} steps up in block {layer} through attention, not the MLP: "
                               "see trace.top_heads(); formation_test ablates MLP neurons")
-    top = trace.top_neurons(channel, layer=layer, n=max_neurons)
-    if n_neurons is None:
-        reached = (top.cumulative_share >= share).to_numpy().nonzero()[0]
-        n_neurons = int(reached[0]) + 1 if len(reached) else max_neurons
-    n_neurons = check_int("n_neurons", n_neurons, 1)
-    neurons = tuple(int(n) for n in top.neuron[:n_neurons])
-    writers = {"zero": AblateNeurons(layer=layer, neurons=neurons, positions=(position,), mode="zero"),
-               "mean": AblateNeurons.fit(model, calibration, layer=layer, neurons=neurons, positions=(position,))}
-    interventions: dict[str, Intervention] = {}
-    for mode, ablation in writers.items():
-        interventions[f"writers {mode}"] = ablation
-        interventions[f"control {mode}"] = ablation.random_control(model, calibration, seed=seed, pool=pool)
+    writers: dict[int, tuple[int, ...]] = {}
+    for block in blocks:
+        top = trace.top_neurons(channel, layer=block, n=max_neurons)
+        count = n_neurons
+        if count is None:
+            reached = (top.cumulative_share >= share).to_numpy().nonzero()[0]
+            count = int(reached[0]) + 1 if len(reached) else max_neurons
+        count = check_int("n_neurons", count, 1)
+        writers[block] = tuple(int(n) for n in top.neuron[:count])
+    interventions: dict[str, tuple[Intervention, ...]] = {}
+    for mode in ("zero", "mean"):
+        ablations = tuple(AblateNeurons.fit(model, calibration, layer=block, neurons=neurons, positions=(position,),
+                                            mode=mode) for block, neurons in writers.items())
+        interventions[f"writers {mode}"] = ablations
+        interventions[f"control {mode}"] = tuple(a.random_control(model, calibration, seed=seed + i, pool=pool)
+                                                 for i, a in enumerate(ablations))
     chains, loss = _run_conditions(model, tokens, interventions, trace.channels, position=position,
                                    batch_size=batch_size, progress=progress)
-    return FormationTest(interventions, chains, loss, layer + 1, n_resamples, seed, trace=trace, channel=channel,
-                         layer=layer, neurons=neurons)
+    return FormationTest(interventions, chains, loss, blocks[-1] + 1, n_resamples, seed, trace=trace, channel=channel,
+                         writers=writers)
 
 
 def residual_sink_test(

@@ -26,11 +26,12 @@ from sinkinterp.interventions.base import (
     register_intervention,
 )
 from sinkinterp.interventions.dimensions import EditResidualDimension
-from sinkinterp.interventions.keys import MaskSinkKey, ReplaceSinkKey
+from sinkinterp.interventions.keys import MaskSinkKey, ReplaceSinkKey, WindowAttention
 from sinkinterp.interventions.massive import EditMassiveChannels
 from sinkinterp.interventions.neurons import AblateNeurons
 from sinkinterp.interventions.residual import PatchFirstTokenResidual, PerSequencePatch
 from sinkinterp.interventions.slot import ConstantAttentionBias, fit_constant_bias
+from sinkinterp.interventions.standins import KeyValueSlot, OutputGate, softmax_off_by_one
 from sinkinterp.interventions.values import AblateSinkValue
 
 __all__ = [
@@ -45,6 +46,10 @@ __all__ = [
     "AblateHeads",
     "AblateNeurons",
     "EditResidualDimension",
+    "KeyValueSlot",
+    "OutputGate",
+    "softmax_off_by_one",
+    "WindowAttention",
     "fit_constant_bias",
     "intervene",
     "INTERVENTIONS",

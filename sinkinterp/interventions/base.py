@@ -367,6 +367,29 @@ def _take(value: tuple, depth: int, index: int) -> tuple:
     return tuple(_take(row, depth - 1, index) for row in value)
 
 
+class RandomControl:
+    """Mixin of the types with a matched random control (``random_control(model, tokens, seed=,
+    pool=)``): a spec's ``fit: {control: random, pool: n}`` turns the fitted value into its control,
+    drawn with seed + draw."""
+
+    CONTROL_OPTIONS: ClassVar[dict[str, FitOption]] = {
+        "control": FitOption("'random' or null", one_of("random", None)),
+        "pool": FitOption("int", is_int(1)),
+    }
+    #: The control's default pool (candidates per chosen unit).
+    CONTROL_POOL: ClassVar[int] = 10
+
+    @classmethod
+    def fit_is_random(cls, options: dict[str, Any]) -> bool:
+        return options.get("control") == "random"
+
+    def controlled(self, model: Model, calibration: Tensor, *, seed: int, options: dict[str, Any]):
+        """This value, or its random control when the fit options ask for one."""
+        if options.get("control") == "random":
+            return self.random_control(model, calibration, seed=seed, pool=options.get("pool", self.CONTROL_POOL))
+        return self
+
+
 def refuse_head_site(owner, why: str) -> None:
     """Types with arrays stored per [layer][head] take the same heads in every layer."""
     if is_head_site(getattr(owner, "heads", None)):

@@ -21,12 +21,12 @@ from sinkinterp.interventions.base import (
     Hook,
     Intervention,
     IntsLike,
+    RandomControl,
     NumbersLike,
     as_tensor,
     check_mode,
     frozen_tensor,
     ints_or_none,
-    is_int,
     is_number,
     norm_common,
     one_of,
@@ -45,7 +45,7 @@ def _check_number(name: str, value, low: float = 0.0) -> float:
 
 
 @dataclass(frozen=True, repr=False)
-class EditResidualDimension(Intervention):
+class EditResidualDimension(RandomControl, Intervention):
     """Edit residual ``channels`` in the input of the chosen blocks (``hook_resid_pre``; default:
     every block) at every position from ``from_position`` on:
 
@@ -65,8 +65,7 @@ class EditResidualDimension(Intervention):
     FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
         "sinks": FitOption("true: take the channels from residual_sinks on the calibration split",
                            one_of(True, False)),
-        "control": FitOption("'random' or null", one_of("random", None)),
-        "pool": FitOption("int", is_int(1)),
+        **RandomControl.CONTROL_OPTIONS,
         "min_share": FitOption("float in (0, 1]", is_number(0, 1)),
     }
 
@@ -128,13 +127,8 @@ class EditResidualDimension(Intervention):
         if options.get("sinks"):
             sites["channels"] = None
         edit = cls.fit(model, calibration, min_share=options.get("min_share", 0.1), **sites)
-        if options.get("control") == "random":
-            edit = edit.random_control(model, calibration, seed=seed + draw, pool=options.get("pool", 10))
-        return edit
+        return edit.controlled(model, calibration, seed=seed + draw, options=options)
 
-    @classmethod
-    def fit_is_random(cls, options: dict[str, Any]) -> bool:
-        return options.get("control") == "random"
 
     @classmethod
     def check_spec(cls, fields: dict[str, Any], options: dict[str, Any] | None, context) -> None:

@@ -135,6 +135,42 @@ class MaskSinkKey(Intervention):
         return hooks
 
 
+@dataclass(frozen=True, repr=False)
+class WindowAttention(Intervention):
+    """StreamingLLM's window attention: each query i sees only the keys of the last ``window``
+    positions (``i - j < window``) plus the first ``n_initial`` positions (the attention sinks that
+    StreamingLLM keeps in its cache). ``n_initial=0`` is plain window attention, which evicts the
+    sink once the sequence is longer than the window. Applied at ``hook_attn_scores`` (keys set to
+    -inf) in every chosen layer; a layer's own sliding window still applies as well."""
+
+    NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_attn_scores",)
+
+    window: int = 256
+    n_initial: int = 4
+    layers: IntsLike = None
+
+    def __post_init__(self):
+        norm_common(self, heads=False)
+        check_int("window", self.window, 1)
+        check_int("n_initial", self.n_initial)
+
+    def hooks(self, model: Model) -> list[Hook]:
+        layers = resolve_layers(model, self.layers)
+        self.check_model(model, vars(self))
+        masks: dict[tuple[int, str], Tensor] = {}
+
+        def mask(scores, hook):
+            n_pos = scores.shape[-1]
+            key = (n_pos, str(scores.device))
+            if key not in masks:
+                query = torch.arange(n_pos, device=scores.device)[:, None]
+                keys = torch.arange(n_pos, device=scores.device)[None, :]
+                masks[key] = (query - keys >= self.window) & (keys >= self.n_initial)
+            return scores.masked_fill(masks[key], float("-inf"))
+
+        return [(f"blocks.{layer}.attn.hook_attn_scores", mask) for layer in layers]
+
+
 # --------------------------------------------------------------------------------------------
 # 3. Replace the sink's key
 

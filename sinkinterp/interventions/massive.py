@@ -20,6 +20,7 @@ from sinkinterp.interventions.base import (
     Hook,
     Intervention,
     IntsLike,
+    RandomControl,
     NumbersLike,
     as_tensor,
     check_mode,
@@ -27,10 +28,8 @@ from sinkinterp.interventions.base import (
     check_seq,
     frozen_tensor,
     ints_or_none,
-    is_int,
     is_number,
     norm_common,
-    one_of,
     pick,
     refuse_empty,
 )
@@ -43,7 +42,7 @@ from sinkinterp.sites import resolve_layers, select_indices
 
 
 @dataclass(frozen=True, repr=False)
-class EditMassiveChannels(Intervention):
+class EditMassiveChannels(RandomControl, Intervention):
     """Set residual-stream ``channels`` at ``positions`` after the chosen blocks (``hook_resid_post``)
     to zero, to their reference mean (``values``: [layers][slots][channels], one mean per edited
     position), or scale them by ``factor``.
@@ -66,8 +65,7 @@ class EditMassiveChannels(Intervention):
     LAYER_WORDS: ClassVar[tuple[str, ...]] = ("first", "all")
     FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
         "min_fraction": FitOption("float in (0, 1]", is_number(0, 1)),
-        "control": FitOption("'random' or null", one_of("random", None)),
-        "pool": FitOption("int", is_int(1)),
+        **RandomControl.CONTROL_OPTIONS,
     }
 
     channels: IntsLike = None
@@ -110,15 +108,8 @@ class EditMassiveChannels(Intervention):
         random-channel control, drawn with seed + draw."""
         edit = cls.fit(model, calibration, min_fraction=options.get("min_fraction", 0.5),
                        **pick(fields, "channels", "positions", "layers", "mode", "factor"))
-        if options.get("control") == "random":
-            edit = edit.random_control(model, calibration, seed=seed + draw, pool=options.get("pool", 10))
-        elif options.get("control") is not None:
-            raise SinkInterpError(f"EditMassiveChannels fit control {options['control']!r} is not 'random' or null")
-        return edit
+        return edit.controlled(model, calibration, seed=seed + draw, options=options)
 
-    @classmethod
-    def fit_is_random(cls, options: dict[str, Any]) -> bool:
-        return options.get("control") == "random"
 
     @classmethod
     def check_record(cls, model: Model, record: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from sinkinterp.interventions.base import (
     Hook,
     Intervention,
     IntsLike,
+    RandomControl,
     NumbersLike,
     as_tensor,
     check_mode,
@@ -45,7 +46,7 @@ def _d_mlp(model: Model) -> int:
 
 
 @dataclass(frozen=True, repr=False)
-class AblateNeurons(Intervention):
+class AblateNeurons(RandomControl, Intervention):
     """Set MLP ``neurons`` of one ``layer`` (its hidden activation, ``mlp.hook_post``) at
     ``positions`` to zero (``"zero"``) or to their mean (``"mean"``, ``values`` [neurons], from
     :meth:`fit`).
@@ -59,12 +60,12 @@ class AblateNeurons(Intervention):
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("mlp.hook_post",)
+    CONTROL_POOL: ClassVar[int] = 4
     ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {"values": ("neuron",)}
     FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
         "mode": FitOption("'mean' (each neuron's mean over the other positions of the calibration split)",
                           one_of("mean", "zero")),
-        "control": FitOption("'random' or null", one_of("random", None)),
-        "pool": FitOption("int", is_int(1)),
+        **RandomControl.CONTROL_OPTIONS,
         "writers": FitOption("int: ablate the top n writers of the sink's largest massive channel, found by "
                              "formation_trace on the calibration split (layer and neurons then come from it)",
                              is_int(1)),
@@ -122,13 +123,8 @@ class AblateNeurons(Intervention):
             sites.update(writer_sites(model, calibration, options["writers"], channel=options.get("channel"),
                                       position=sites.get("positions", (0,))))
         ablation = cls.fit(model, calibration, mode=options.get("mode", "mean"), **sites)
-        if options.get("control") == "random":
-            ablation = ablation.random_control(model, calibration, seed=seed + draw, pool=options.get("pool", 4))
-        return ablation
+        return ablation.controlled(model, calibration, seed=seed + draw, options=options)
 
-    @classmethod
-    def fit_is_random(cls, options: dict[str, Any]) -> bool:
-        return options.get("control") == "random"
 
     @classmethod
     def fit_needs_calibration(cls, options: dict[str, Any]) -> bool:

@@ -163,9 +163,13 @@ class ConstantAttentionBias(Intervention):
 
 
 def bias_hooks(model: Model, layers, heads, logit: Tensor, value: Tensor | None, replace_sink: bool,
-                position: int, from_query: int) -> list[Hook]:
-    """Hooks of a constant slot; ``logit`` [layers heads] and ``value`` [layers heads d_head] may
-    require grad (``fit_constant_bias`` optimises them through these same hooks).
+                position: int, from_query: int, key: Tensor | None = None, scale: float = 1.0) -> list[Hook]:
+    """Hooks of a slot; ``logit`` [layers heads], ``value`` [layers heads d_head] and ``key``
+    [layers heads d_head] may require grad (the fits optimise them through these same hooks).
+
+    With ``key`` the slot's logit depends on the query: ``logit + q_i . key / scale``, with q_i the
+    rotated query (``hook_rot_q``): an explicit key/value slot, a key at rotary angle 0 as the
+    first token's is.
 
     In a sliding-window layer the slot acts only on the queries that can see ``position``: it
     stands in for the sink where there is one, and queries past the window never had it."""
@@ -176,6 +180,9 @@ def bias_hooks(model: Model, layers, heads, logit: Tensor, value: Tensor | None,
     hooks = []
     for index, layer in enumerate(layers):
         state: dict[str, Tensor] = {}
+
+        def on_q(q, hook, state=state, index=index):  # [batch pos head d_head]
+            state["q_logit"] = torch.einsum("bqhd,hd->bhq", q[:, fq:, heads], key[index].to(q)) / scale
 
         def on_scores(scores, hook, state=state):
             check_seq(position, scores.shape[-1], "ConstantAttentionBias", fq)
@@ -196,7 +203,10 @@ def bias_hooks(model: Model, layers, heads, logit: Tensor, value: Tensor | None,
             tiny = own_weight < 1e-20
             if bool(tiny.any()):
                 lse = torch.where(tiny, scores.logsumexp(dim=-1), lse)
-            keep = torch.sigmoid(lse - logit[index].to(lse)[None, :, None])
+            slot_logit = logit[index].to(lse)[None, :, None]
+            if key is not None:
+                slot_logit = slot_logit + state.pop("q_logit").to(lse)
+            keep = torch.sigmoid(lse - slot_logit)
             if window is not None:
                 unseen = torch.arange(fq, pattern.shape[-1], device=keep.device) - position >= window
                 keep = keep.masked_fill(unseen, 1.0)
@@ -212,6 +222,8 @@ def bias_hooks(model: Model, layers, heads, logit: Tensor, value: Tensor | None,
             slot = (1 - keep)[..., None] * value[index].to(z)[None, :, None, :]  # [batch heads query d]
             return add_at(z, slot.transpose(1, 2), fq, heads)
 
+        if key is not None:
+            hooks.append((f"blocks.{layer}.attn.hook_rot_q", on_q))
         hooks += [(f"blocks.{layer}.attn.hook_attn_scores", on_scores),
                   (f"blocks.{layer}.attn.hook_pattern", on_pattern),
                   (f"blocks.{layer}.attn.hook_z", on_z)]
@@ -319,16 +331,15 @@ def _mean_sink_logit(scores: Tensor, windows: list[int | None], position: int, f
     return torch.stack(rows)
 
 
-def _fit_by_gradient(model: Model, tokens, validation, layers, heads, logit, value, position, from_query, steps, lr,
-                     batch_size, seed, patience, progress, history):
-    """Adam on the slot's logit (and value) with the model frozen; see :func:`fit_constant_bias`.
-    Returns the kept logit, value and the fit log."""
+def fit_by_gradient(model: Model, tokens: Tensor, validation: Tensor | None, params: list[Tensor], hooks: list[Hook],
+                    *, from_query: int, steps: int, lr: float, batch_size: int, seed: int, patience: int,
+                    progress: bool, history: list, description: str) -> tuple[list[Tensor | None], dict[str, Any]]:
+    """Adam on ``params`` (leaf tensors that ``hooks`` read) with the model frozen, minimising
+    next-token loss on queries i >= from_query of seeded mini-batches of ``tokens``. With
+    ``validation``, the parameters with the lowest validation loss are kept (step 0: the start)
+    and the fit stops after ``patience`` steps without improvement; otherwise the last step.
+    Returns the kept values of ``params`` (on the CPU) and the fit log."""
     device = next(model.parameters()).device
-    logit = logit.clone().to(device).requires_grad_(True)
-    params = [logit]
-    if value is not None:
-        value = value.clone().to(device).requires_grad_(True)
-        params.append(value)
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -351,16 +362,15 @@ def _fit_by_gradient(model: Model, tokens, validation, layers, heads, logit, val
         return sum(parts) / validation.shape[0]
 
     def snapshot():
-        return logit.detach().cpu().clone(), None if value is None else value.detach().cpu().clone()
+        return [p.detach().cpu().clone() for p in params]
 
     trained: list[float] = []  # this fit's steps (``history`` may already hold a caller's)
     validated: list[float] = []
     try:
-        hooks = bias_hooks(model, layers, heads, logit, value, True, position, from_query)
         best, best_step = snapshot(), 0
         if validation is not None:
             validated.append(validation_loss())
-        bar = tqdm(range(steps), desc="fit constant bias", unit="step", disable=not progress)
+        bar = tqdm(range(steps), desc=description, unit="step", disable=not progress)
         for step in bar:
             rows = torch.randperm(tokens.shape[0], generator=generator)[:batch_size]
             loss = loss_of(tokens[rows].to(device))
@@ -388,6 +398,23 @@ def _fit_by_gradient(model: Model, tokens, validation, layers, heads, logit, val
            "n_validation": 0 if validation is None else int(validation.shape[0]),
            "validation_loss": validated, "patience": patience if validation is not None else None,
            "stopped_early": validation is not None and len(trained) < steps}
-    return best[0], best[1], log
+    return best, log
+
+
+def _fit_by_gradient(model: Model, tokens, validation, layers, heads, logit, value, position, from_query, steps, lr,
+                     batch_size, seed, patience, progress, history):
+    """Adam on the slot's logit (and value) with the model frozen; see :func:`fit_constant_bias`.
+    Returns the kept logit, value and the fit log."""
+    device = next(model.parameters()).device
+    logit = logit.clone().to(device).requires_grad_(True)
+    params = [logit]
+    if value is not None:
+        value = value.clone().to(device).requires_grad_(True)
+        params.append(value)
+    hooks = bias_hooks(model, layers, heads, logit, value, True, position, from_query)
+    best, log = fit_by_gradient(model, tokens, validation, params, hooks, from_query=from_query, steps=steps, lr=lr,
+                                batch_size=batch_size, seed=seed, patience=patience, progress=progress,
+                                history=history, description="fit constant bias")
+    return best[0], best[1] if value is not None else None, log
 
 

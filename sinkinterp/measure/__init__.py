@@ -49,14 +49,14 @@ from sinkinterp.measure.massive import (
 from sinkinterp.measure.qk import QKMassiveValues, qk_massive_values, rotary_pairs
 from sinkinterp.measure.residual_sinks import ResidualSinks, read_weights, residual_sinks
 from sinkinterp.measure.scan import ScanResult, scan, scan_corpus
-from sinkinterp.measure.sinks import SinkReport, sink_scores
+from sinkinterp.measure.sinks import BUDGET_PARTS, SinkReport, attention_budget, sink_scores
 from sinkinterp.measure.value_weighted import (
     value_weighted_attention,
     value_weighted_measurement,
 )
 
 __all__ = [
-    "SinkReport", "sink_scores", "alpha_at", "seen_counts",
+    "SinkReport", "sink_scores", "attention_budget", "BUDGET_PARTS", "alpha_at", "seen_counts",
     "MASSIVE_COLUMNS", "massive_entries", "find_massive_activations", "stable_massive_channels",
     "ResidualProfile", "residual_profile",
     "head_frame", "qkv_geometry", "value_weighted_attention",

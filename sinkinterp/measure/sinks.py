@@ -372,3 +372,57 @@ def sink_scores(
     return reducer.report(eps)
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Where the attention goes once a sink is replaced
+
+
+class _BudgetReducer(Reducer):
+    def __init__(self, model: Model, from_query: int):
+        self.model, self.from_query = model, from_query
+        n = model.cfg.n_layers
+        self.sums = {name: torch.zeros(n, dtype=torch.float64) for name in BUDGET_PARTS}
+        self.n_seqs = 0
+
+    def begin(self, batch: Batch) -> None:
+        super().begin(batch)
+        if batch.padded:
+            raise SinkInterpError("attention_budget takes unpadded tokens")
+        self.n_seqs += batch.tokens.shape[0]
+
+    def hooks(self):
+        return [(f"blocks.{layer}.attn.hook_pattern", self._hook(layer)) for layer in range(self.model.cfg.n_layers)]
+
+    def _hook(self, layer: int):
+        def reduce(pattern, hook) -> None:
+            rows = pattern.detach()[:, :, self.from_query:].double()  # [batch head query key]
+            self.sums["first_share"][layer] += float(rows[..., 0].mean(dim=(1, 2)).sum())
+            self.sums["slot_share"][layer] += float((1 - rows.sum(dim=-1)).mean(dim=(1, 2)).sum())
+            # The key that gains the most: the largest per-head mean column over the other keys.
+            columns = rows[..., 1:].mean(dim=2)  # [batch head key]
+            self.sums["top_other_share"][layer] += float(columns.max(dim=-1).values.mean(dim=1).sum())
+
+        return reduce
+
+
+BUDGET_PARTS = ("first_share", "slot_share", "top_other_share")
+
+
+def attention_budget(model: Model, tokens: Int[Tensor, "batch pos"], *, from_query: int = 16, batch_size: int = 8,
+                     progress: bool | None = None) -> pd.DataFrame:
+    """Per layer, where the attention of queries i >= ``from_query`` goes, averaged over heads,
+    those queries and sequences: ``first_share`` (the first token), ``slot_share`` (what the
+    pattern no longer sums to: the mass a slot stand-in took, 0 without one) and
+    ``top_other_share`` (the one other key with the largest mean attention in each head: a new
+    sink forming elsewhere shows here). Run it inside :func:`~sinkinterp.intervene` to read a
+    stand-in's pattern."""
+    check_tokens(model, tokens)
+    from_query = check_int("from_query", from_query)
+    if from_query >= tokens.shape[1]:
+        raise SinkInterpError(f"from_query {from_query} leaves no query in sequences of {tokens.shape[1]} tokens")
+    reducer = _BudgetReducer(model, from_query)
+    stream(model, tokens, [reducer], batch_size=batch_size, progress=progress, description="attention budget")
+    frame = pd.DataFrame({name: (values / reducer.n_seqs).numpy() for name, values in reducer.sums.items()})
+    frame.insert(0, "layer", range(model.cfg.n_layers))
+    return frame
