@@ -20,18 +20,28 @@ from sinkinterp._io import atomic_write_json
 from sinkinterp.data import corpus_tokens
 from sinkinterp.experiments import bos_test, load_spec, run_experiment
 from sinkinterp.interventions import EditMassiveChannels
+from sinkinterp.measure import formation_trace
 from sinkinterp.stats import bootstrap_mean, paired_difference
 
 
 def sun_et_al(model) -> dict:
+    """The detector's channels edited at one layer: the first where they are massive (Sun et al.),
+    and the step-up block of the largest one (the formation trace), where they differ."""
     tokens = corpus_tokens(model, 16, 256, seed=0)
     reference, evaluation = tokens[:8], tokens[8:]
     zero = EditMassiveChannels.fit(model, reference)
     mean = EditMassiveChannels.fit(model, reference, mode="mean")
     control = zero.random_control(model, reference, seed=0)
+    step = formation_trace(model, reference).step_layer()  # of the largest stable channel
+    edits = [("zero", zero), ("mean", mean), ("random control (zero)", control)]
+    if (step,) != tuple(zero.layers):
+        at_step = EditMassiveChannels.fit(model, reference, channels=zero.channels, layers=(step,))
+        at_step_mean = EditMassiveChannels.fit(model, reference, channels=zero.channels, layers=(step,), mode="mean")
+        edits += [(f"zero at the step-up block {step}", at_step), (f"mean at the step-up block {step}", at_step_mean),
+                  (f"random control (zero) at block {step}", at_step.random_control(model, reference, seed=0))]
     clean = sinkinterp.evaluate(model, evaluation).values["loss"]
     rows = {"clean": {"loss": bootstrap_mean(clean).to_dict()}}
-    for name, edit in (("zero", zero), ("mean", mean), ("random control (zero)", control)):
+    for name, edit in edits:
         loss = sinkinterp.evaluate(model, evaluation, edit).values["loss"]
         rows[name] = {"loss": bootstrap_mean(loss).to_dict(), "delta": paired_difference(loss, clean).to_dict(),
                       "channels": list(edit.channels), "layers": list(edit.layers)}
@@ -43,6 +53,7 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-window", action="store_true", help="leave out the T = 2048 window table")
+    parser.add_argument("--only-sun", action="store_true", help="only the Sun et al. edits")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +66,9 @@ def main() -> int:
         extra = f" delta {row['delta']['value']:+.3f} [{row['delta']['low']:+.3f}, {row['delta']['high']:+.3f}]" \
             if "delta" in row else ""
         print(f"Sun et al. {name}: loss {row['loss']['value']:.3f}{extra} {row.get('channels', '')} {row.get('layers', '')}")
+    if args.only_sun:
+        atomic_write_json(out / "sun.json", record)
+        return 0
     start = time.perf_counter()
     bos = bos_test(model, progress=False)
     record["barbero"] = bos.to_dict()
