@@ -57,6 +57,33 @@ from sinkinterp.sites import (
 SLOT_NEEDS = ("scores", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "order")
 
 
+#: The fit options every gradient-fitted slot or gate shares (see :func:`fit_by_gradient`).
+GRADIENT_OPTIONS: dict[str, FitOption] = {
+    "method": FitOption("'moments' or 'gradient'", one_of("moments", "gradient")),
+    "steps": FitOption("int (at most)", is_int(1)),
+    "lr": FitOption("float", is_number(0, 10)),
+    "batch_size": FitOption("int", is_int(1)),
+    "validation": FitOption("int: calibration sequences held out to stop a gradient fit "
+                            "(default a quarter, at least 1)", is_int(1)),
+    "patience": FitOption("int: steps without a better validation loss before stopping (default 5)", is_int(1)),
+}
+
+
+def check_gradient_spec(options: dict[str, Any] | None, context: SpecContext) -> None:
+    """A gradient fit needs calibration sequences beyond its held-out ones; validation and
+    patience only stop a gradient fit."""
+    options = options or {}
+    if options.get("method") == "gradient":
+        held = options.get("validation", max(1, context.n_calibration // 4))
+        if context.n_calibration < held + 1:
+            context.fail("spec.data.n_calibration", f"is {context.n_calibration} but {context.where} fits by "
+                         f"gradient on the calibration split less {held} validation sequence(s): use "
+                         f"n_calibration >= {held + 1}")
+    elif "validation" in options or "patience" in options:
+        context.fail(f"{context.where}.fit", "validation and patience stop a gradient fit: they need method "
+                     "'gradient'")
+
+
 @dataclass(frozen=True, repr=False)
 class ConstantAttentionBias(Intervention):
     """A virtual key/value slot per head, the same for every input (docs/design.md §3.6).
@@ -73,14 +100,8 @@ class ConstantAttentionBias(Intervention):
                                                          "value": ("layer", "head", "d_head")}
     HEAD_SWEEP: ClassVar[bool] = True
     FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
-        "method": FitOption("'moments' or 'gradient'", one_of("moments", "gradient")),
-        "steps": FitOption("int (at most)", is_int(1)),
-        "lr": FitOption("float", is_number(0, 10)),
-        "batch_size": FitOption("int", is_int(1)),
+        **GRADIENT_OPTIONS,
         "with_value": FitOption("bool", lambda v: isinstance(v, bool)),
-        "validation": FitOption("int: calibration sequences held out to stop a gradient fit "
-                                "(default a quarter, at least 1)", is_int(1)),
-        "patience": FitOption("int: steps without a better validation loss before stopping (default 5)", is_int(1)),
     }
 
     logit: NumbersLike = 0.0
@@ -130,16 +151,7 @@ class ConstantAttentionBias(Intervention):
     @classmethod
     def check_spec(cls, fields: dict[str, Any], options: dict[str, Any] | None, context: SpecContext) -> None:
         super().check_spec(fields, options, context)
-        options = options or {}
-        if options.get("method") == "gradient":
-            held = options.get("validation", max(1, context.n_calibration // 4))
-            if context.n_calibration < held + 1:
-                context.fail("spec.data.n_calibration", f"is {context.n_calibration} but {context.where} fits by "
-                             f"gradient on the calibration split less {held} validation sequence(s): use "
-                             f"n_calibration >= {held + 1}")
-        elif "validation" in options or "patience" in options:
-            context.fail(f"{context.where}.fit", "validation and patience stop a gradient fit: they need method "
-                         "'gradient'")
+        check_gradient_spec(options, context)
 
     def _tensors(self, model: Model) -> tuple[list[int], list[int], Tensor, Tensor | None]:
         layers, heads = resolve_layers(model, self.layers), resolve_heads(model, self.heads)

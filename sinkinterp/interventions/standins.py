@@ -31,25 +31,20 @@ from sinkinterp.interventions.base import (
     is_int,
     is_number,
     norm_common,
-    one_of,
     pick,
     refuse_head_site,
 )
 from sinkinterp.interventions.capture import capture_all
 from sinkinterp.interventions.keys import key_masker
-from sinkinterp.interventions.slot import SLOT_NEEDS, ConstantAttentionBias, bias_hooks, fit_by_gradient
+from sinkinterp.interventions.slot import (
+    GRADIENT_OPTIONS,
+    SLOT_NEEDS,
+    ConstantAttentionBias,
+    bias_hooks,
+    check_gradient_spec,
+    fit_by_gradient,
+)
 from sinkinterp.sites import as_kv, as_query_heads, resolve_heads, resolve_layers
-
-GRADIENT_OPTIONS: dict[str, FitOption] = {
-    "method": FitOption("'moments' or 'gradient'", one_of("moments", "gradient")),
-    "steps": FitOption("int (at most)", is_int(1)),
-    "lr": FitOption("float", is_number(0, 10)),
-    "batch_size": FitOption("int", is_int(1)),
-    "validation": FitOption("int: calibration sequences held out to stop a gradient fit "
-                            "(default a quarter, at least 1)", is_int(1)),
-    "patience": FitOption("int: steps without a better validation loss before stopping (default 5)", is_int(1)),
-}
-
 
 def softmax_off_by_one(*, layers=None, heads=None, position: int = 0, from_query: int = 16) -> ConstantAttentionBias:
     """StreamingLLM's "zero sink" / softmax-off-by-one in place of the real sink: a slot with
@@ -64,17 +59,6 @@ def _gradient_split(calibration: Tensor, options: dict[str, Any]) -> tuple[Tenso
         return calibration, None
     held = options.get("validation", max(1, calibration.shape[0] // 4))
     return calibration[:-held], calibration[-held:]
-
-
-def _check_gradient_spec(options: dict[str, Any] | None, context: SpecContext) -> None:
-    options = options or {}
-    if options.get("method") == "gradient":
-        held = options.get("validation", max(1, context.n_calibration // 4))
-        if context.n_calibration < held + 1:
-            context.fail("spec.data.n_calibration", f"is {context.n_calibration} but {context.where} fits by gradient "
-                         f"on the calibration split less {held} validation sequence(s): use n_calibration >= {held + 1}")
-    elif "validation" in options or "patience" in options:
-        context.fail(f"{context.where}.fit", "validation and patience stop a gradient fit: they need method 'gradient'")
 
 
 def _check_fit_tokens(model: Model, tokens: Tensor, validation: Tensor | None, from_query: int) -> None:
@@ -149,7 +133,7 @@ class KeyValueSlot(Intervention):
     @classmethod
     def check_spec(cls, fields: dict[str, Any], options: dict[str, Any] | None, context: SpecContext) -> None:
         super().check_spec(fields, options, context)
-        _check_gradient_spec(options, context)
+        check_gradient_spec(options, context)
 
     @classmethod
     def fit(cls, model: Model, tokens: Int[Tensor, "batch pos"], *, method: str = "moments", layers=None, heads=None,
@@ -285,7 +269,7 @@ class OutputGate(Intervention):
     @classmethod
     def check_spec(cls, fields: dict[str, Any], options: dict[str, Any] | None, context: SpecContext) -> None:
         super().check_spec(fields, options, context)
-        _check_gradient_spec({**(options or {}), "method": "gradient"}, context)
+        check_gradient_spec({**(options or {}), "method": "gradient"}, context)
 
     @classmethod
     def fit(cls, model: Model, tokens: Int[Tensor, "batch pos"], *, kind: str = "headwise", layers=None,
