@@ -27,10 +27,10 @@ demo: $(VENV)/.installed
 test: test-tl4 test-tl39
 
 test-tl4: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=40
 
 test-tl39: $(VENV39)/.installed
-	$(PY39) -m pytest -m backend tests
+	$(PY39) -m pytest --durations=20 -m backend tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/load_model.py

@@ -4,9 +4,12 @@
   are massive (one layer, as the paper), with the matched random-channel control;
 - Barbero et al. 2025: the same text with and without the BOS token in front (``bos_test``);
 - StreamingLLM (Xiao et al. 2024): the built-in ``window-attention`` spec (window 256 at T = 2048,
-  0 / 1 / 2 / 4 initial tokens kept).
+  0 / 1 / 2 / 4 initial tokens kept);
+- Jin et al. 2025: the top-1 and top-2 rotated q/k channels of every head replaced by their mean,
+  against the lowest channels, on 40 passkey prompts (contextual) and the built-in facts, bare and
+  behind as much filler (parametric) (``qk_disruption_test``).
 
-    python scripts/reproductions.py --model smollm2-135m --out runs/reproductions-smollm2 [--skip-window]
+    python scripts/reproductions.py --model smollm2-135m --out runs/reproductions-smollm2 [--skip-window] [--only-jin]
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import sinkinterp
 from sinkinterp._io import atomic_write_json
 from sinkinterp.data import corpus_tokens
-from sinkinterp.experiments import bos_test, load_spec, run_experiment
+from sinkinterp.experiments import bos_test, load_spec, qk_disruption_test, run_experiment
 from sinkinterp.interventions import EditMassiveChannels
 from sinkinterp.measure import formation_trace
 from sinkinterp.stats import bootstrap_mean, paired_difference
@@ -48,17 +51,34 @@ def sun_et_al(model) -> dict:
     return rows
 
 
+def jin_et_al(model) -> dict:
+    """Massive-value disruption at top-1 and top-2 channels per head (1000 resamples)."""
+    record = {}
+    for top_k in (1, 2):
+        result = qk_disruption_test(model, top_k=top_k, n_passkey=40, n_resamples=1000, progress=False)
+        print(result.summary())
+        record[f"top_{top_k}"] = result.to_dict()
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", required=True)
     parser.add_argument("--skip-window", action="store_true", help="leave out the T = 2048 window table")
     parser.add_argument("--only-sun", action="store_true", help="only the Sun et al. edits")
+    parser.add_argument("--only-jin", action="store_true", help="only the Jin et al. disruption")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = sinkinterp.load_model(args.model)
     record: dict = {"model": args.model, "seconds": {}}
+    if args.only_jin:
+        start = time.perf_counter()
+        record["jin"] = jin_et_al(model)
+        record["seconds"]["jin"] = time.perf_counter() - start
+        atomic_write_json(out / "jin.json", record)
+        return 0
     start = time.perf_counter()
     record["sun"] = sun_et_al(model)
     record["seconds"]["sun"] = time.perf_counter() - start
@@ -84,6 +104,9 @@ def main() -> int:
         for name, loss in record["window"].items():
             if loss:
                 print(f"window attention {name}: {loss}")
+    start = time.perf_counter()
+    record["jin"] = jin_et_al(model)
+    record["seconds"]["jin"] = time.perf_counter() - start
     atomic_write_json(out / "reproductions.json", record)
     return 0
 

@@ -23,7 +23,7 @@ _progress_bar()  # the first import of tqdm.auto, quiet: Jupyter without ipywidg
 # 1. core
 from sinkinterp.backends import Model
 from sinkinterp.models import EMBEDDED_MODEL, ModelSource, load_model, model_source
-from sinkinterp.data import corpus_tokens, needle_prompts, random_tokens, repeated_random_tokens
+from sinkinterp.data import corpus_tokens, fact_prompts, needle_prompts, passkey_prompts, random_tokens, repeated_random_tokens
 from sinkinterp.sites import Heads
 from sinkinterp.stats import Estimate, bootstrap_mean, paired_difference, recovery_fraction
 
@@ -68,6 +68,7 @@ from sinkinterp.interventions import (
     PatchFirstTokenResidual,
     ReplaceSinkKey,
     WindowAttention,
+    DisruptQKChannels,
     fit_constant_bias,
     intervene,
     softmax_off_by_one,
@@ -100,6 +101,8 @@ from sinkinterp.experiments import (
     builtin_specs,
     formation_test,
     residual_sink_test,
+    qk_disruption_test,
+    QKDisruptionTest,
     load_spec,
     run_experiment,
     validate_heads,
@@ -109,7 +112,7 @@ __all__ = [
     "SinkInterpError",
     # core
     "Model", "EMBEDDED_MODEL", "ModelSource", "load_model", "model_source",
-    "corpus_tokens", "random_tokens", "repeated_random_tokens", "needle_prompts", "Heads",
+    "corpus_tokens", "random_tokens", "repeated_random_tokens", "needle_prompts", "passkey_prompts", "fact_prompts", "Heads",
     "Estimate", "bootstrap_mean", "paired_difference", "recovery_fraction",
     # measure
     "SinkReport", "sink_scores", "find_massive_activations", "stable_massive_channels", "ResidualProfile",
@@ -119,7 +122,7 @@ __all__ = [
     # interventions
     "Intervention", "INTERVENTIONS", "MaskSinkKey", "AblateSinkValue", "ReplaceSinkKey", "EditMassiveChannels",
     "PatchFirstTokenResidual", "ConstantAttentionBias", "AblateHeads", "AblateNeurons", "EditResidualDimension", "KeyValueSlot", "OutputGate", "softmax_off_by_one",
-    "WindowAttention", "fit_constant_bias", "intervene",
+    "WindowAttention", "DisruptQKChannels", "fit_constant_bias", "intervene",
     # evaluate
     "evaluate", "Evaluation", "METRICS", "register_metric",
     # heads
@@ -130,6 +133,6 @@ __all__ = [
     # experiments
     "ExperimentSpec", "load_spec", "builtin_specs", "run_experiment", "validate_heads",
     "FormationTest", "formation_test", "ResidualSinkTest", "residual_sink_test",
-    "BosTest", "bos_test",
+    "BosTest", "bos_test", "QKDisruptionTest", "qk_disruption_test",
 ]
 __version__ = "0.1.0"

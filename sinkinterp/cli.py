@@ -528,6 +528,44 @@ def _add_figures_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--figures", metavar="DIR", help=f"write figures as PNG into DIR: {what}")
 
 
+def _report(args) -> int:
+    from sinkinterp.experiments.battery import REPORT_STAGES, resolve_sizes, run_report
+
+    stages = args.stages.split(",") if args.stages else list(REPORT_STAGES)
+    unknown = [s for s in stages if s not in REPORT_STAGES]
+    if unknown:
+        raise SinkInterpError(f"--stages: {unknown[0]!r} is not one of {', '.join(REPORT_STAGES)}")
+    overrides = dict(args.set or [])
+    try:
+        resolve_sizes(args.size, overrides)
+    except SinkInterpError as e:
+        raise SinkInterpError(f"--size / --set: {e}") from None
+    out = Path(args.out) if args.out else Path("reports") / slug(args.model)
+    model, _ = _load_and_describe(args)
+    start = time.perf_counter()
+    report = run_report(model, out, size=args.size, overrides=overrides, stages=stages, resume=args.resume)
+    seconds = time.perf_counter() - start
+    per_stage = ", ".join(f"{name} {stage['seconds']:.0f} s" for name, stage in report["stages"].items())
+    print(f"\nreport in {seconds:.0f} s ({per_stage})")
+    print(f"wrote {out / 'report.html'} and {out / 'report.json'}")
+    return 0
+
+
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    _add_model_args(parser)
+    parser.add_argument("--out", metavar="DIR", help="the report's folder (default reports/<model>)")
+    parser.add_argument("--size", default="laptop", help="size preset: 'laptop' (the built-in specs on 8 evaluation "
+                        "sequences, 30-step gradient fits) or 'quick' (a smoke run)")
+    parser.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
+                        help="override one size of the preset, e.g. --set seq_len=64 (repeatable; keys: scan_seqs, "
+                        "seq_len, experiment_seqs, calibration_seqs, gradient_steps, formation_seqs, heads_seqs, "
+                        "heads_prompts, heads_context, n_resamples)")
+    parser.add_argument("--stages", metavar="A,B", help="comma-separated subset of: scan, implicit-bias, no-op, "
+                        "formation, heads, stand-ins (default: all)")
+    parser.add_argument("--resume", action="store_true", help="reuse the stages already saved in --out with the same "
+                        "model and sizes; experiments also resume per condition")
+
+
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     parser.add_argument("--prompt", default=DEMO_PROMPT)
@@ -565,6 +603,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
              "their sink score", _view_args, _view),
     "heads": ("score and label every head (sink, previous-token, duplicate, induction, recall), with q/k "
               "massive values and an optional causal validation", _heads_args, _heads),
+    "report": ("the whole battery on one model (scan, both hypotheses, formation, heads, stand-ins) at laptop "
+               "sizes, as one self-contained HTML page and its JSON, with resume", _report_args, _report),
     "demo": ("the main job on the embedded model: info, a greedy completion, the scan summary, a small "
              "implicit-bias experiment, attention views and figures", _demo_args, _demo),
 }
@@ -607,6 +647,7 @@ OUTPUTS = {
     "heads": [("json", "--json", "file", (".json",)), ("figure", "--figure", "file", (".png",)),
               ("figures", "--figures", "folder", ())],
     "demo": [("out", "--out", "folder", ())],
+    "report": [("out", "--out", "folder", ())],
 }
 
 

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from sinkinterp._batches import check_seed
+from sinkinterp._batches import check_int, check_seed
 from sinkinterp.backends import Model
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.models import model_source
@@ -37,6 +37,10 @@ __all__ = [
     "corpus_windows",
     "NeedlePrompts",
     "needle_prompts",
+    "AnswerPrompts",
+    "passkey_prompts",
+    "fact_prompts",
+    "FACTS",
 ]
 
 FirstToken = str | int
@@ -553,3 +557,127 @@ def _pad_token(model: Model) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts with one right answer: contextual (a passkey in the prompt) and parametric (facts)
+
+#: The passkey task of Mohtashami & Jaggi (2023), as Jin et al. (2025) use it: a key hidden in
+#: repeated filler, asked for at the end; answered from the context alone.
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.")
+PASSKEY_FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+
+#: Parametric knowledge: facts a small model may know from training, with one short answer and no
+#: hint in the prompt (the counterpart of Jin et al.'s knowledge-QA sets).
+FACTS: tuple[tuple[str, str], ...] = (
+    ("The capital of France is", " Paris"), ("The capital of Italy is", " Rome"),
+    ("The capital of Germany is", " Berlin"), ("The capital of Spain is", " Madrid"),
+    ("The capital of Japan is", " Tokyo"), ("The capital of Russia is", " Moscow"),
+    ("The capital of England is", " London"), ("The capital of China is", " Beijing"),
+    ("The capital of Egypt is", " Cairo"), ("The capital of Greece is", " Athens"),
+    ("The capital of Portugal is", " Lisbon"), ("The capital of Austria is", " Vienna"),
+    ("The capital of Ireland is", " Dublin"), ("The capital of Norway is", " Oslo"),
+    ("The capital of Sweden is", " Stockholm"), ("The capital of Poland is", " Warsaw"),
+    ("The capital of Hungary is", " Budapest"), ("The capital of Kenya is", " Nairobi"),
+    ("The capital of Thailand is", " Bangkok"), ("The capital of Canada is", " Ottawa"),
+    ("The capital of Australia is", " Canberra"), ("The capital of Argentina is", " Buenos"),
+    ("The capital of Peru is", " Lima"), ("The capital of Cuba is", " Havana"),
+    ("The capital of Turkey is", " Ankara"), ("The capital of Iran is", " Tehran"),
+    ("The capital of India is", " New"), ("The capital of Belgium is", " Brussels"),
+    ("The capital of Denmark is", " Copenhagen"), ("The capital of Finland is", " Helsinki"),
+    ("The Eiffel Tower is in the city of", " Paris"), ("The Colosseum is in the city of", " Rome"),
+    ("The largest planet in the solar system is", " Jupiter"), ("The planet closest to the sun is", " Mercury"),
+    ("Water is made of hydrogen and", " oxygen"), ("The opposite of hot is", " cold"),
+    ("The first month of the year is", " January"), ("The day after Monday is", " Tuesday"),
+    ("The color of the clear sky is", " blue"), ("The author of Hamlet is William", " Shakespeare"),
+    ("The theory of relativity was developed by Albert", " Einstein"), ("The currency of Japan is the", " yen"),
+)
+
+
+@dataclass(frozen=True)
+class AnswerPrompts:
+    """Prompts each followed by its answer tokens, for teacher-forced exact-match scoring: row r is
+    ``rows[r]`` (prompt, then answer), its first ``prompt_len[r]`` tokens the prompt. All answer
+    tokens predicted top-1 under teacher forcing is exactly "greedy decoding writes the answer"."""
+
+    task: str
+    rows: tuple[Tensor, ...]
+    prompt_len: tuple[int, ...]
+    answers: tuple[str, ...]
+    seed: int | None
+    first_token: FirstToken
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        joined = torch.cat(list(self.rows)).numpy().tobytes()
+        return {"task": self.task, "n_prompts": self.n_prompts, "prompt_len": list(self.prompt_len),
+                "answers": list(self.answers), "seed": self.seed, "first_token": self.first_token,
+                "tokens_sha256": hashlib.sha256(joined).hexdigest()}
+
+
+def _answer_row(model: Model, prefix: list[int], prompt: str, answer: str) -> tuple[Tensor, int]:
+    """Token ids of prompt + answer, and the prompt's length; the answer's tokens are those the
+    whole text has after the prompt's, so refuse a tokenizer that merges across the boundary."""
+    whole, head = text_ids(model, prompt + answer), text_ids(model, prompt)
+    if whole[: len(head)] != head or len(whole) == len(head):
+        raise SinkInterpError(f"the tokenizer merges the answer {answer!r} into the prompt's last token; "
+                              "cannot score it as a continuation")
+    return torch.tensor(prefix + whole, dtype=torch.long), len(prefix) + len(head)
+
+
+def passkey_filler(model: Model, context_len: int, digits: int, n_prefix: int) -> int:
+    """How many filler sentences a passkey prompt of about ``context_len`` tokens holds."""
+    fixed = n_prefix + len(text_ids(model, PASSKEY_INTRO + PASSKEY_NEEDLE.format(key="0" * digits) + PASSKEY_QUESTION))
+    return (context_len - fixed) // len(text_ids(model, PASSKEY_FILLER))
+
+
+def passkey_prompts(model: Model, n_prompts: int = 40, context_len: int = 128, *, digits: int = 6, seed: int = 0,
+                    first_token: FirstToken = "default") -> AnswerPrompts:
+    """``n_prompts`` passkey prompts of about ``context_len`` tokens (the intro, filler sentences
+    with the key's sentence at a seeded random place, the question), each answered by its random
+    ``digits``-digit key."""
+    check_int("n_prompts", n_prompts, 1)
+    check_int("digits", digits, 1)
+    check_int("context_len", context_len, 2)
+    first_id = _first_id(model, first_token)
+    prefix = [] if first_id is None else [first_id]
+    n_fill = passkey_filler(model, context_len, digits, len(prefix))
+    if n_fill < 1:
+        raise SinkInterpError(f"context_len {context_len} leaves no room for filler around the key: use a longer "
+                              "context_len (about 100 tokens or more)")
+    rng = random.Random(check_seed(seed))
+    rows, lens, answers = [], [], []
+    for _ in range(n_prompts):
+        key = "".join(str(rng.randrange(10)) for _ in range(digits))
+        at = rng.randrange(n_fill + 1)
+        prompt = (PASSKEY_INTRO + PASSKEY_FILLER * at + PASSKEY_NEEDLE.format(key=key)
+                  + PASSKEY_FILLER * (n_fill - at) + PASSKEY_QUESTION)
+        row, length = _answer_row(model, prefix, prompt, f" {key}")
+        rows.append(row)
+        lens.append(length)
+        answers.append(key)
+    return AnswerPrompts("passkey", tuple(rows), tuple(lens), tuple(answers), seed,
+                         resolve_first_token(model, first_token))
+
+
+def fact_prompts(model: Model, facts: Sequence[tuple[str, str]] = FACTS, *, filler: int = 0,
+                 first_token: FirstToken = "default") -> AnswerPrompts:
+    """One prompt per (prompt, answer) pair of ``facts`` (:data:`FACTS` by default). ``filler`` > 0
+    puts the passkey task's intro and that many filler sentences in front, so the parametric task
+    can be matched in length with the contextual one (task name ``facts_in_filler``)."""
+    check_int("filler", filler)
+    if not facts or any(not (isinstance(f, (tuple, list)) and len(f) == 2 and all(isinstance(x, str) for x in f))
+                        for f in facts):
+        raise SinkInterpError("facts must be a non-empty sequence of (prompt, answer) string pairs")
+    first_id = _first_id(model, first_token)
+    prefix = [] if first_id is None else [first_id]
+    context = PASSKEY_INTRO + PASSKEY_FILLER * filler + " " if filler else ""
+    built = [_answer_row(model, prefix, context + prompt, answer) for prompt, answer in facts]
+    return AnswerPrompts("facts_in_filler" if filler else "facts", tuple(r for r, _ in built), tuple(n for _, n in built),
+                         tuple(a for _, a in facts), None, resolve_first_token(model, first_token))

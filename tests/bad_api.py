@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, EditMassiveChannels, MaskSinkKey,
+from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, DisruptQKChannels, EditMassiveChannels, MaskSinkKey,
                         PatchFirstTokenResidual, ReplaceSinkKey, SinkInterpError, fit_constant_bias, intervene,
                         qk_massive_values, sink_scores)
 from sinkinterp.data import NeedlePrompts, corpus_tokens, needle_prompts, random_tokens, repeated_random_tokens
@@ -58,6 +58,8 @@ CASES = [
     ("float layers", lambda m, t: MaskSinkKey(layers=1.5), r"layers must be a list of integers \(or None\), got 1.5"),
     ("list type", lambda m, t: Intervention.from_dict({"type": ["MaskSinkKey"]}), r"'type' is a name such as 'MaskSinkKey'"),
     ("replace_sink 'no'", lambda m, t: ConstantAttentionBias(replace_sink="no"), r"replace_sink must be True or False, got 'no'"),
+    ("DisruptQKChannels rotated 'yes'", lambda m, t: DisruptQKChannels(rotated="yes"), r"rotated must be True or False, got 'yes'"),
+    ("DisruptQKChannels top_k 1.5", lambda m, t: DisruptQKChannels(top_k=1.5), r"top_k must be an integer >= 1, got 1.5"),
     ("bias method", lambda m, t: ConstantAttentionBias(method="bogus"), r"method 'bogus' is not one of 'given', 'moments'"),
     ("logit 1e39", lambda m, t: ConstantAttentionBias(logit=1e39), r"logit holds 1e\+39: only finite numbers or -inf of magnitude"),
     ("value 1e39", lambda m, t: AblateSinkValue(mode="mean", layers=[0], heads=[0], value=[[[1e39] * 8]]),

@@ -62,6 +62,21 @@ smollm2, smollm2_bridge, smollm2_hf = _embedded_fixtures("smollm2-135m", "smollm
 gemma, gemma_bridge, gemma_hf = _embedded_fixtures("gemma-3-270m", "gemma")
 
 
+@pytest.fixture
+def session_smollm2(smollm2, monkeypatch):
+    """The CLI's model load answered by the session's SmolLM2, for the tests of what the commands do
+    with a model (argument errors, outputs): each would otherwise pay a fresh load (~8 s). Loading
+    itself is tested by test_info_prints_and_writes_json, the demo and tests/test_models.py."""
+    import sinkinterp.cli as cli
+
+    def load(name, backend="auto", **kwargs):
+        assert (name, backend, kwargs) == ("smollm2-135m", "auto", {}), (name, backend, kwargs)
+        return smollm2
+
+    monkeypatch.setattr(cli, "load_model", load)
+    return smollm2
+
+
 @pytest.fixture(scope="session")
 def corpus_batch(smollm2):
     """Two sequences of 160 real tokens from the offline corpus (320 tokens in all)."""

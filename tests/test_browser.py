@@ -182,3 +182,27 @@ def test_long_input_renders_in_time(browser, tmp_path):
         assert {_label(tokens[0], 0), _label(tokens[-1], 199)} <= drawn
     finally:
         page.close()
+
+
+@pytest.mark.integration
+def test_report_page_renders_its_figures_and_view_offline(browser, smollm2, tmp_path):
+    """``sinkinterp report``'s page, opened from disk: every figure decodes, the attention view draws
+    its canvases, and nothing errs (the page fetches nothing: it has no network to fetch from)."""
+    from sinkinterp.experiments.battery import run_report
+
+    run_report(smollm2, tmp_path, size="quick", stages=("scan",), progress=False, log=lambda *_: None)
+    path = tmp_path / "report.html"
+    page = browser.open_page(path.as_uri(), width=1200, height=2400, init_script=RECORD_CANVAS_TEXT)
+    try:
+        drawn = page.wait_until("document.querySelectorAll('.sinkinterp-view canvas').length > 1 && "
+                                "window.__sinkinterpDrawn.includes('Destination Token')", timeout=RENDER_TIMEOUT_S,
+                                stop_on_error=True)
+        assert drawn, f"the report's attention view did not render: {page.errors()}"
+        images = page.evaluate("[...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 100])")
+        assert len(images) == 4 and all(ok for _, ok in images), images  # the scan's four figures
+        text = page.evaluate("document.body.innerText")
+        assert "sinkinterp report: smollm2-135m" in text and "Run time per stage" in text
+        assert page.errors() == []
+        _keep_screenshot(page.screenshot(), tmp_path, "report.png")
+    finally:
+        page.close()

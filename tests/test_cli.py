@@ -21,6 +21,18 @@ def test_unknown_model_is_a_clear_error(capsys):
     assert "sinkinterp: error: unknown model 'no-such-model'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--stages", "scan,heads,plots"], "--stages: 'plots' is not one of scan, implicit-bias, no-op, formation, heads, stand-ins"),
+    (["--size", "huge"], "--size / --set: report size 'huge' is not one of 'laptop', 'quick'"),
+    (["--set", "seq_len=0"], "report size seq_len must be an integer >= 1, got 0"),
+    (["--set", "n_layers=2"], "report size key 'n_layers' is not one of scan_seqs"),
+])
+def test_report_bad_arguments_fail_before_any_model_loads(capsys, extra, message):
+    # no model fixture: a unit test that reached a model load would fail at once (conftest)
+    assert main(["report", *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.integration
 def test_info_prints_and_writes_json(smollm2, tmp_path, capsys):
     out_file = tmp_path / "sub" / "info.json"
@@ -71,7 +83,7 @@ def _view_props(path) -> dict:
 
 
 @pytest.mark.integration
-def test_view_writes_a_page_of_the_chosen_heads(smollm2, tmp_path, capsys):
+def test_view_writes_a_page_of_the_chosen_heads(smollm2, session_smollm2, tmp_path, capsys):
     page = tmp_path / "view.html"
     prompt = "The capital of France is Paris."
     assert main(["view", "--prompt", prompt, "--layers", "14", "--heads", "3", "4", "--out", str(page)]) == 0
@@ -101,7 +113,7 @@ def test_view_writes_a_page_of_the_chosen_heads(smollm2, tmp_path, capsys):
         (["--compare", "{type: MaskSinkKey}", "--out", "v.html"], "from_query 16 is beyond this input's"),
     ],
 )
-def test_view_bad_input_is_a_clear_error(smollm2, tmp_path, capsys, monkeypatch, extra, message):
+def test_view_bad_input_is_a_clear_error(smollm2, session_smollm2, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)
     assert main(["view", "--prompt", "The capital of France is Paris.", *extra]) == 2
     assert message in capsys.readouterr().err
@@ -115,7 +127,7 @@ def test_view_refuses_a_bad_intervention_record(capsys):
 
 
 @pytest.mark.integration
-def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, capsys):
+def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, session_smollm2, tmp_path, capsys):
     from sinkinterp.data import corpus_tokens
     from sinkinterp.measure import sink_scores
 
@@ -154,7 +166,7 @@ def test_scan_prints_a_summary_and_writes_reproducible_json(smollm2, tmp_path, c
 
 
 @pytest.mark.integration
-def test_scan_with_a_text_file_and_a_bos_first_token(smollm2, tmp_path, capsys):
+def test_scan_with_a_text_file_and_a_bos_first_token(smollm2, session_smollm2, tmp_path, capsys):
     text = tmp_path / "story.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
     out_file = tmp_path / "scan.json"
@@ -180,6 +192,6 @@ def test_scan_with_a_text_file_and_a_bos_first_token(smollm2, tmp_path, capsys):
         (["--first-token", "two words"], "first token 'two words' is not a single token"),
     ],
 )
-def test_scan_bad_input_is_a_clear_error(smollm2, capsys, extra, message):
+def test_scan_bad_input_is_a_clear_error(smollm2, session_smollm2, capsys, extra, message):
     assert main(["scan", *extra]) == 2
     assert message in capsys.readouterr().err

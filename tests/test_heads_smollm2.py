@@ -75,7 +75,7 @@ def test_classify_heads_on_smollm2(small_table):
     assert by_label.loc["all", "n_heads"] == 270
 
 
-def test_cli_heads_writes_table_figure_and_validation(tmp_path, capsys):
+def test_cli_heads_writes_table_figure_and_validation(session_smollm2, tmp_path, capsys):
     out = tmp_path / "heads.json"
     code = main(["heads", "--n-seqs", "2", "--context-lens", "160", "--n-prompts", "2", "--no-greedy",
                  "--json", str(out), "--validate", "--k", "2", "--n-random", "1", "--validate-prompts", "2",

@@ -19,6 +19,7 @@ from sinkinterp.interventions import (
     KeyValueSlot,
     OutputGate,
     WindowAttention,
+    DisruptQKChannels,
     Intervention,
     MaskSinkKey,
     PatchFirstTokenResidual,
@@ -76,6 +77,7 @@ def every_intervention(model, tokens):
         OutputGate(kind="constant", bias=[[2.0] * 6] * 2, from_query=4),
         OutputGate(kind="headwise", weight=[[[0.01] * 6] * 48] * 2, bias=[[2.0] * 6] * 2, from_query=4),
         WindowAttention(window=5, n_initial=1),
+        DisruptQKChannels(top_k=2, select="lowest", kinds=("k",), layers=(1,)),
     ]
 
 

@@ -1,6 +1,7 @@
 """Reproducible hypothesis experiments: specs, the runner, reports, and their statistics."""
 
 from sinkinterp.experiments.bos import BosTest, bos_test
+from sinkinterp.experiments.disruption import QKDisruptionTest, qk_disruption_test
 from sinkinterp.experiments.formation import (
     ChainEffects,
     FormationTest,
@@ -32,4 +33,5 @@ __all__ = [
     "run_experiment", "Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference",
     "recovery_fraction", "validate_heads", "validation_specs", "FormationTest", "formation_test",
     "ChainEffects", "ResidualSinkTest", "residual_sink_test", "BosTest", "bos_test",
+    "QKDisruptionTest", "qk_disruption_test",
 ]

@@ -29,6 +29,7 @@ from sinkinterp.interventions.dimensions import EditResidualDimension
 from sinkinterp.interventions.keys import MaskSinkKey, ReplaceSinkKey, WindowAttention
 from sinkinterp.interventions.massive import EditMassiveChannels
 from sinkinterp.interventions.neurons import AblateNeurons
+from sinkinterp.interventions.qk import DisruptQKChannels
 from sinkinterp.interventions.residual import PatchFirstTokenResidual, PerSequencePatch
 from sinkinterp.interventions.slot import ConstantAttentionBias, fit_constant_bias
 from sinkinterp.interventions.standins import KeyValueSlot, OutputGate, softmax_off_by_one
@@ -50,6 +51,7 @@ __all__ = [
     "OutputGate",
     "softmax_off_by_one",
     "WindowAttention",
+    "DisruptQKChannels",
     "fit_constant_bias",
     "intervene",
     "INTERVENTIONS",
