@@ -83,6 +83,17 @@ def corpus_batch(smollm2):
     return corpus_tokens(smollm2, 2, 160)
 
 
+def captured(model, tokens, names, *interventions) -> dict:
+    """The activations at ``names`` in a forward pass under ``interventions`` (copies)."""
+    from sinkinterp.interventions import intervene
+
+    seen = {}
+    keepers = [(name, lambda x, hook, name=name: seen.__setitem__(name, x.detach().clone())) for name in names]
+    with intervene(model, *interventions):
+        model.run_with_hooks(tokens, fwd_hooks=keepers)
+    return seen
+
+
 def n_hooks(model) -> int:
     """Forward hooks attached to ``model`` right now (0 after any intervention block, even one that raised)."""
     return sum(len(point.fwd_hooks) for point in model.hook_dict.values())

@@ -12,7 +12,7 @@ from sinkinterp.experiments.disruption import score_answers
 from sinkinterp.interventions import DisruptQKChannels, Intervention, intervene
 from sinkinterp.interventions.qk import disrupt_channels
 from sinkinterp.tiny import tiny_gpt2, tiny_llama
-from conftest import n_hooks
+from conftest import captured, n_hooks
 
 pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
 
@@ -37,14 +37,6 @@ def test_disruption_replaces_the_largest_or_smallest_norm_channel_by_its_mean():
     assert torch.allclose(lowest[1, :, 0, 2], torch.full((3,), 0.5))  # constant already: unchanged
     both = disrupt_channels(x, 3, "massive")  # every channel: each position becomes the mean vector
     assert torch.allclose(both, x.mean(dim=1, keepdim=True).expand_as(x))
-
-
-def captured(model, tokens, names, *interventions):
-    seen = {}
-    keepers = [(name, lambda x, hook, name=name: seen.__setitem__(name, x.detach().clone())) for name in names]
-    with intervene(model, *interventions):
-        model.run_with_hooks(tokens, fwd_hooks=keepers)
-    return seen
 
 
 @pytest.mark.parametrize("rotated", [True, False])

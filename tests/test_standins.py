@@ -22,6 +22,7 @@ from sinkinterp.interventions import (
 )
 from sinkinterp.measure import attention_budget
 from sinkinterp.tiny import tiny_llama
+from conftest import captured
 
 pytestmark = pytest.mark.backend  # runs again on TransformerLens 3.9 (make test)
 
@@ -36,14 +37,6 @@ def llama():
 @pytest.fixture(scope="module")
 def tokens(llama):
     return torch.randint(0, llama.cfg.d_vocab, (6, 12), generator=torch.Generator().manual_seed(0))
-
-
-def captured(model, tokens, names, *interventions):
-    seen = {}
-    keepers = [(name, lambda x, hook, name=name: seen.__setitem__(name, x.detach().clone())) for name in names]
-    with intervene(model, *interventions):
-        model.run_with_hooks(tokens, fwd_hooks=keepers)
-    return seen
 
 
 def test_softmax_off_by_one_is_a_softmax_with_one_more_exp_of_zero(llama, tokens):
