@@ -24,7 +24,7 @@ from sinkinterp.backends import Model
 from sinkinterp.data import SAMPLING
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
-from sinkinterp.experiments.report import format_estimate
+from sinkinterp.experiments.report import format_estimate, format_verdicts
 from sinkinterp.experiments.validation import validate_heads
 from sinkinterp.figures import (
     figure_png,
@@ -209,20 +209,6 @@ def format_copying(evidence) -> str:
     for entry in evidence.attrs["by_role"]:
         cells = "  ".join(f"{c} {entry[c]:+.3f}" for c in columns)
         lines.append(f"    {entry['role']:<22} {cells}")
-    return "\n".join(lines)
-
-
-def format_verdicts(results: dict) -> str:
-    """Each hypothesis's verdict, with the criteria behind it, from a results record."""
-    lines = []
-    for verdict in results["verdicts"]:
-        lines.append(f"{verdict['hypothesis']}: {verdict['verdict'].upper()}")
-        for r in verdict["criteria"]:
-            subject = f"{r['condition']}: " if r["condition"] else ""
-            lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {format_estimate(r['estimate'])} "
-                         f"(rule: {r['rule']}, threshold {r['threshold']:g})")
-            if r.get("note"):
-                lines.append(f"               note: {r['note']}")
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from sinkinterp.backends import Model
 from sinkinterp.data import corpus_tokens, resolve_token
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments.formation import formation_test
-from sinkinterp.experiments.report import format_estimate
+from sinkinterp.experiments.report import format_estimate, format_verdicts
 from sinkinterp.experiments.runner import run_experiment
 from sinkinterp.experiments.spec import load_spec
 from sinkinterp.figures import figure_png, plot_head_classes, plot_intervention_effects, scan_figures
@@ -115,7 +115,7 @@ def _stage_experiment(name: str):
                   "conditions": [{k: v for k, v in c.items() if k not in ("per_sequence", "interventions")}
                                  for c in results["conditions"] if "sweep" not in c]}
         figures = {"effects": _png(plot_intervention_effects(results))}
-        return record, _verdict_text(results["verdicts"]), figures, ""
+        return record, format_verdicts(results), figures, ""
 
     return run
 
@@ -155,17 +155,6 @@ STAGE_FUNCTIONS: dict[str, Callable] = {
     "heads": _stage_heads,
     "stand-ins": _stage_experiment("stand-ins"),
 }
-
-
-def _verdict_text(verdicts: list[dict]) -> str:
-    lines = []
-    for v in verdicts:
-        lines.append(f"{v['hypothesis']}: {v['verdict'].upper()}")
-        for r in v["criteria"]:
-            subject = f"{r['condition']}: " if r["condition"] else ""
-            lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {format_estimate(r['estimate'])} "
-                         f"({r['rule']} {r['threshold']:g})")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from sinkinterp.experiments.spec import CRITERION_KINDS, Criterion, ExperimentSp
 from sinkinterp.figures import figure_png, new_subplots
 from sinkinterp.stats import Estimate, bootstrap_statistic
 
-__all__ = ["assemble", "write_outputs", "judge", "format_report"]
+__all__ = ["assemble", "write_outputs", "judge", "format_report", "format_verdicts"]
 
 PASS, FAIL, OPEN = "pass", "fail", "inconclusive"
 ADAPTER_NOTE = ("recovery above 1 (its whole interval): the repair beats the clean model on held-out data, so it "
@@ -436,3 +436,17 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
         atomic_write_bytes(out / name, data)
     atomic_write_text(out / "report.md", format_report(results))
     atomic_write_json(out / "results.json", results)
+
+
+def format_verdicts(results: dict) -> str:
+    """Each hypothesis's verdict, with the criteria behind it, from a results record."""
+    lines = []
+    for verdict in results["verdicts"]:
+        lines.append(f"{verdict['hypothesis']}: {verdict['verdict'].upper()}")
+        for r in verdict["criteria"]:
+            subject = f"{r['condition']}: " if r["condition"] else ""
+            lines.append(f"  {r['outcome']:<12} {subject}{r['quantity']} = {format_estimate(r['estimate'])} "
+                         f"(rule: {r['rule']}, threshold {r['threshold']:g})")
+            if r.get("note"):
+                lines.append(f"               note: {r['note']}")
+    return "\n".join(lines)
