@@ -24,7 +24,7 @@ from sinkinterp.backends import Model
 from sinkinterp.data import SAMPLING
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.experiments import builtin_specs, load_spec, run_experiment
-from sinkinterp.experiments.report import format_estimate, format_verdicts
+from sinkinterp.experiments.report import format_verdicts
 from sinkinterp.experiments.validation import validate_heads
 from sinkinterp.figures import (
     figure_png,
