@@ -13,6 +13,7 @@ closes them, which is what the CLI's ``--figures DIR`` does. The plots follow th
 from __future__ import annotations
 
 import io
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -163,9 +164,15 @@ def plot_massive_activations(profile, *, layer: int | None = None, n_channels: i
     d_model = profile.sink.shape[1]
     right.plot(range(d_model), profile.other[layer].numpy(), color=_REST, lw=0.8, label="other positions (mean)")
     right.plot(range(d_model), profile.sink[layer].numpy(), color=_SINK, lw=0.8, label="first token")
+    placed: list[tuple[int, float]] = []  # (channel, log10 |x|) of the labels drawn so far
     for row in channels.itertuples():
+        height = math.log10(max(row.sink_abs, 1e-12))
+        # labels of neighbouring channels with similar values would print on top of each other:
+        # each one that collides moves its text a line down
+        below = sum(abs(c - row.channel) < 0.15 * d_model and abs(h - height) < 0.3 for c, h in placed)
         right.annotate(f"ch {row.channel}: {row.sink_abs:,.0f}", (row.channel, row.sink_abs), fontsize=7,
-                       xytext=(4, 0), textcoords="offset points", va="center")
+                       xytext=(4, -9 * below), textcoords="offset points", va="center")
+        placed.append((row.channel, height))
     right.set_yscale("log")
     right.set_xlabel("channel")
     right.set_ylabel("|x|")
@@ -241,6 +248,8 @@ def effects_frame(effects) -> pd.DataFrame:
 def plot_intervention_effects(effects, *, metrics: Sequence[str] | None = None, title: str = ""):
     """The change each intervention makes to each metric, relative to the clean run, with its
     interval (paired bootstrap over sequences), one panel per metric."""
+    from matplotlib.ticker import MaxNLocator
+
     frame = effects_frame(effects)
     if frame.empty:
         raise SinkInterpError("no intervention effects to plot: the results have no non-sweep conditions")
@@ -259,6 +268,7 @@ def plot_intervention_effects(effects, *, metrics: Sequence[str] | None = None, 
                     xerr=[rows["delta"] - rows["delta_low"], rows["delta_high"] - rows["delta"]],
                     fmt="o", capsize=3, color="#1f77b4")
         ax.axvline(0, color="grey", lw=0.8, ls="--")
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # wide tick labels (-0.175) would otherwise run together
         ax.set_xlabel(f"Δ {metric.replace('_', ' ')} vs clean")
     axes[0][0].set_yticks(list(y.values()), list(y.keys()))
     confidence = ""

@@ -22,7 +22,7 @@ from sinkinterp.figures import (
     save_figures,
     scan_figures,
 )
-from sinkinterp.measure import residual_profile
+from sinkinterp.measure import ResidualProfile, residual_profile
 from sinkinterp.measure.scan import scan
 
 matplotlib.use("Agg")
@@ -85,6 +85,19 @@ def test_massive_figure_names_the_sink_channels(tiny, tokens):
     top = result.profile.sink_channels(0, 2)
     assert [t.get_text().split(":")[0] for t in right.texts] == [f"ch {c}" for c in top["channel"]]
     assert right.get_title() == "channel profile at layer 0"
+    plt.close("all")
+
+
+def test_massive_figure_moves_labels_of_neighbouring_channels_apart():
+    """Gemma's report drew 'ch 558' and 'ch 555' (|x| ~1,000 each) on top of each other: labels of
+    nearby channels with similar values now stack a line apart; a distant channel's stays put."""
+    sink = torch.ones(1, 640)
+    sink[0, 163], sink[0, 558], sink[0, 555] = 100_000.0, 1_100.0, 1_030.0
+    profile = ResidualProfile(top=torch.tensor([[100_000.0, 1_100.0]]), median=torch.tensor([1.0]), sink=sink,
+                              other=torch.ones(1, 640), n_seqs=1)
+    right = plot_massive_activations(profile, layer=0, n_channels=3).axes[1]
+    offsets = {t.get_text().split(":")[0]: t.xyann for t in right.texts}
+    assert offsets == {"ch 163": (4, 0), "ch 558": (4, 0), "ch 555": (4, -9)}
     plt.close("all")
 
 
