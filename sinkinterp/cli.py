@@ -450,7 +450,7 @@ def _intervention(text: str):
 def _view(args) -> int:
     model, _ = _load_and_describe(args)
     options = dict(layers=args.layers, heads=args.heads, hide_sink=args.hide_sink, max_tokens=args.max_tokens,
-                   title=args.title or f"sinkinterp: {args.prompt[:60]}")
+                   title=args.title or f"sinkinterp: {args.prompt[:60]}", first_token=_first_token(args.first_token))
     if args.compare:
         view = compare_view(model, args.prompt, args.compare, label=args.label, **options)
     else:
@@ -464,7 +464,11 @@ def _view(args) -> int:
 
 def _view_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
-    parser.add_argument("--prompt", required=True, metavar="TEXT", help="the text to look at (tokenized as is, no BOS)")
+    parser.add_argument("--prompt", required=True, metavar="TEXT",
+                        help="the text to look at (tokenized without special tokens, after --first-token)")
+    parser.add_argument("--first-token", default="default", metavar="default|none|bos|TOKEN",
+                        help="what goes before the text: 'default' (the model's BOS convention: <bos> on Gemma-3, "
+                             "nothing on SmolLM2), 'none', 'bos', a token or an id")
     parser.add_argument("--layers", type=int, nargs="+", help="layers to show (default: all)")
     parser.add_argument("--heads", type=int, nargs="+", help="heads to show in each layer (default: all)")
     parser.add_argument("--hide-sink", action="store_true",

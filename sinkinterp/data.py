@@ -35,6 +35,7 @@ __all__ = [
     "repeated_random_tokens",
     "resolve_token",
     "corpus_windows",
+    "prompt_ids",
     "NeedlePrompts",
     "needle_prompts",
     "AnswerPrompts",
@@ -284,6 +285,14 @@ def text_ids(model: Model, text: str) -> list[int]:
         # verbose=False: the corpus is far longer than model_max_length, and that is intended here.
         _TEXT_IDS[key] = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return _TEXT_IDS[key]
+
+
+def prompt_ids(model: Model, text: str, first_token: FirstToken = "default") -> list[int]:
+    """``text`` as the model would be fed it: ``first_token`` (``"default"``: the model's BOS
+    convention, so ``<bos>`` on Gemma-3 and nothing on SmolLM2; ``"none"``; ``"bos"``; a token or
+    an id), then the text tokenized without special tokens."""
+    first_id = _first_id(model, first_token)
+    return ([] if first_id is None else [first_id]) + list(text_ids(model, text))
 
 
 def allowed_ids(model: Model) -> Tensor:

@@ -26,7 +26,7 @@ from torch import Tensor
 from sinkinterp._batches import check_bool, check_int, check_tokens
 from sinkinterp._io import atomic_write_text
 from sinkinterp.backends import Model, attention_windows
-from sinkinterp.data import text_ids
+from sinkinterp.data import FirstToken, prompt_ids
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.interventions import Intervention, intervene
 from sinkinterp.interventions.base import ints_or_none
@@ -124,9 +124,9 @@ class AttentionView:
         return atomic_write_text(path, page)
 
 
-def _view_tokens(model: Model, tokens) -> Tensor:
+def _view_tokens(model: Model, tokens, first_token: FirstToken = "default") -> Tensor:
     if isinstance(tokens, str):
-        ids = torch.tensor([text_ids(model, tokens)], dtype=torch.long)
+        ids = torch.tensor([prompt_ids(model, tokens, first_token)], dtype=torch.long)
     elif isinstance(tokens, Tensor):
         ids = tokens[None] if tokens.ndim == 1 else tokens
     else:
@@ -217,10 +217,15 @@ def attention_view(
     max_tokens: int = MAX_VIEW_TOKENS,
     title: str = "",
     element_id: str | None = None,
+    first_token: FirstToken = "default",
 ) -> AttentionView:
     """Attention patterns of the chosen layers and heads on one input (text, or token ids of one
     sequence), each head named with its sink score on this input (``L14H3 sink=0.82``). ``heads``
     may be a :class:`~sinkinterp.sites.Heads` value (``report.sink_heads(0.3)``) with ``layers`` None.
+
+    Text starts with ``first_token`` (``"default"``: the model's BOS convention, as the corpus and
+    the scans use: ``<bos>`` on Gemma-3, whose sink lives there, nothing on SmolLM2; ``"none"``
+    shows the text alone). Token ids are shown as given.
 
     ``hide_sink`` removes the sink column and renormalises every row over the other keys, so what
     the head does besides resting on the sink becomes visible. ``interventions`` are applied
@@ -232,7 +237,7 @@ def attention_view(
         raise SinkInterpError(f"title must be a string, got {title!r}")
     if isinstance(interventions, Intervention) or not isinstance(interventions, (list, tuple)):
         raise SinkInterpError(f"interventions must be a list of Intervention values, got {interventions!r}")
-    ids = _view_tokens(model, tokens)
+    ids = _view_tokens(model, tokens, first_token)
     sites = _selection(model, layers, heads)
     _check_size(ids.shape[1], sum(len(chosen) for _, chosen in sites), max_tokens)
     check_int("sink_position", sink_position)
@@ -278,18 +283,21 @@ def compare_view(
     max_tokens: int = MAX_VIEW_TOKENS,
     title: str = "",
     element_id: str | None = None,
+    first_token: FirstToken = "default",
 ) -> AttentionView:
-    """Each chosen head clean and under ``interventions``, side by side (clean first)."""
+    """Each chosen head clean and under ``interventions``, side by side (clean first); text starts
+    with ``first_token`` as in :func:`attention_view`."""
     if isinstance(interventions, Intervention) or not isinstance(interventions, (list, tuple)):
         raise SinkInterpError(f"interventions must be a list of Intervention values, got {interventions!r}")
     if not interventions:
         raise SinkInterpError("compare_view needs at least one intervention to compare against the clean run")
     if not isinstance(label, str):
         raise SinkInterpError(f"label must be a string, got {label!r}")
-    clean = attention_view(model, tokens, layers=layers, heads=heads, hide_sink=hide_sink, max_tokens=max_tokens)
+    clean = attention_view(model, tokens, layers=layers, heads=heads, hide_sink=hide_sink, max_tokens=max_tokens,
+                           first_token=first_token)
     _check_size(len(clean.tokens), 2 * len(clean.head_names), max_tokens)
     edited = attention_view(model, tokens, layers=layers, heads=heads, hide_sink=hide_sink,
-                            interventions=interventions, max_tokens=max_tokens)
+                            interventions=interventions, max_tokens=max_tokens, first_token=first_token)
     panels, names = [], []
     for i in range(len(clean.head_names)):
         panels += [clean.patterns[i], edited.patterns[i]]

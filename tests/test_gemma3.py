@@ -72,6 +72,22 @@ def test_gemma_sinks_and_dimension_163(gemma, tokens):
     assert float(resid[14][:, 1:].abs().median()) > 4000
 
 
+def test_gemma_views_of_text_start_with_bos_as_the_model_is_fed(gemma):
+    """A view of plain text follows the model's BOS convention: on Gemma the sink is <bos>, and a
+    view without it shows sink-free heads the model never runs as (measured on the report's
+    sentence: layer 5 puts 0.51-0.79 on <bos>, 0.05-0.06 on the first word without it)."""
+    from sinkinterp.data import prompt_ids
+    from sinkinterp.views import attention_view
+
+    text = "The capital of France is Paris. The capital of Italy is Rome."
+    assert prompt_ids(gemma, text)[0] == 2 and prompt_ids(gemma, text, "none")[0] != 2
+    view = attention_view(gemma, text, layers=[5], heads=[1], element_id="v")
+    bare = attention_view(gemma, text, layers=[5], heads=[1], element_id="v", first_token="none")
+    assert view.tokens[0] == "<bos>" and bare.tokens == view.tokens[1:]
+    alpha = lambda v: float(v.patterns[0][1:, 0].mean())  # noqa: E731
+    assert alpha(view) > 0.5 and alpha(bare) < 0.3
+
+
 def test_gemma_residual_sink_norm_weights(gemma_hf):
     """The effective pre-feed-forward RMSNorm weight (1 + w in Gemma's parametrisation) at dimension
     163 is exactly 0 in 11 of the 18 layers: that dimension never reaches the MLPs there."""
