@@ -11,6 +11,18 @@ from sinkinterp.data import FACTS, PASSKEY_QUESTION, fact_prompts, passkey_promp
 pytestmark = pytest.mark.integration
 
 
+def _report_table():
+    """scripts/report_table.py (a script, not a module of the package), imported from its path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "report_table.py"
+    spec = importlib.util.spec_from_file_location("report_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_passkey_prompts_end_with_the_question_and_are_answered_by_the_key(smollm2):
     prompts = passkey_prompts(smollm2, 4, 128, digits=6, seed=3)
     again = passkey_prompts(smollm2, 4, 128, digits=6, seed=3)
@@ -58,6 +70,14 @@ def test_report_runs_stages_resumes_and_writes_one_self_contained_page(smollm2, 
     assert "CircuitsVis.render(" in page and not re.search(r"<script[^>]+src=", page)  # nothing fetched
     assert all(v["hypothesis"] in page for v in verdicts)
     assert json.loads((tmp_path / "report.json").read_text())["model"]["model"] == "smollm2-135m"
+    # the README's side-by-side table reads the same files: one row per stage, with its seconds
+    table = _report_table().markdown([tmp_path, tmp_path]).splitlines()
+    assert table[0] == "| stage | smollm2-135m | smollm2-135m |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+    assert f"({saved['scan']['seconds']:.0f} s)" in rows["scan"] and "sink ratio (eps 0.3)" in rows["scan"]
+    assert rows["heads"] == "| heads | not run | not run |"
+    total = sum(s["seconds"] for s in saved.values())
+    assert f"({total:.0f} s)" in rows["run time, all stages"]
     # resume: every stage is read back, not run again
     seen = []
     again = run_report(smollm2, tmp_path, size="quick", stages=stages, resume=True, progress=False, log=seen.append)

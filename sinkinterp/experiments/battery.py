@@ -284,8 +284,9 @@ def summary_rows(records: dict[str, dict]) -> list[tuple[str, str]]:
                     f"(layer {shares.index(max(shares))}); massive channels {channels}")
         elif name in EXPERIMENTS:
             text = "; ".join(f"{v['hypothesis']}: {v['verdict']}" for v in r["verdicts"])
-            recovered = [f"{c['name']} {c['recovery']['loss']['value']:.2f}" for c in r["conditions"] if "recovery" in c]
-            if name == "stand-ins" and recovered:
+            recovered = [f"{c['name']} {format_estimate(c['recovery']['loss'], 2)}"
+                         for c in r["conditions"] if "recovery" in c]
+            if recovered:
                 text += ". Recovery of the masked sink's loss: " + ", ".join(recovered)
         elif name == "formation":
             by = {c["condition"]: c for c in r["conditions"]}
