@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention sinks and massive activations in TransformerLens models.",
         epilog="Run times measured on 2 CPU cores with SmolLM2-135M and a warm weight cache (TransformerLens 4.3): "
                "info 10 s, view 11 s, scan 20 s, demo 50 s, run massive 113 s / implicit-bias 92 s / no-op 272 s, "
-               "report (laptop size) 12 min, heads 16 min (6 min on TransformerLens 3.9's HookedTransformer, which has a KV cache for the "
+               "report (laptop size) 12-15 min (Gemma-3-270M: 29 min), heads 16 min (6 min on TransformerLens 3.9's HookedTransformer, which has a KV cache for the "
                "greedy decoding; --validate --per-head --copying add about 6 min there). The first load converts the model into the cache (SmolLM2 25 s, Gemma-3 77-95 s).",
         formatter_class=_DefaultsHelp,
     )
