@@ -9,7 +9,7 @@ import re
 import torch
 
 from sinkinterp import (AblateHeads, AblateSinkValue, ConstantAttentionBias, DisruptQKChannels, EditMassiveChannels, MaskSinkKey,
-                        PatchFirstTokenResidual, ReplaceSinkKey, SinkInterpError, fit_constant_bias, intervene,
+                        PatchFirstTokenResidual, ReplaceSinkKey, fit_constant_bias, intervene,
                         qk_massive_values, sink_scores)
 from sinkinterp.data import NeedlePrompts, corpus_tokens, needle_prompts, random_tokens, repeated_random_tokens
 from sinkinterp.experiments import load_spec

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from sinkinterp import SinkInterpError, load_model, model_source, sink_scores
+from sinkinterp import SinkInterpError, model_source, sink_scores
 from sinkinterp.backends import attention_windows, is_hooked_transformer
 from sinkinterp.data import corpus_tokens, default_first_token
 from sinkinterp.interventions import MaskSinkKey, ReplaceSinkKey, intervene

@@ -150,7 +150,6 @@ def test_needle_prompts_validate_their_answer(tiny):
 
 def test_classify_labels_and_thresholds(tiny):
     data = make_repeated(tiny)
-    T = data.tokens.shape[1]
 
     def heads(n_pos):
         return torch.stack([_rows(n_pos, lambda i: i - 1, sink=0.45)] * 3 + [_rows(n_pos, lambda i: None)] * 3)

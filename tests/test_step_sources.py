@@ -4,7 +4,6 @@ covered by the SmolLM2 head-validation tests): scored at their steps, through th
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sinkinterp import SinkInterpError
 from sinkinterp.data import repeated_random_tokens
