@@ -154,8 +154,9 @@ def test_ablate_neurons_refuses_bad_input(llama):
 def test_formation_test_breaks_a_planted_sink_and_its_control_does_not(llama):
     channel = planted_channel(llama)
     with plant(llama):
-        result = formation_test(llama, tokens(llama, n=6, seed=1), calibration=tokens(llama, n=6), channel=channel,
-                                n_resamples=200)
+        # calibration and evaluation need not match in size (the README's runs use 16 and 32)
+        result = formation_test(llama, tokens(llama, n=6, seed=1), calibration=tokens(llama, n=4, t=10),
+                                channel=channel, n_resamples=200)
     assert (result.layer, result.neurons) == (LAYER, (NEURON,))
     assert set(result.chains) == {"clean", "writers zero", "control zero", "writers mean", "control mean"}
     massive = result.chains["clean"].links["massive"][:, LAYER + 1]
@@ -232,7 +233,7 @@ def test_residual_edits_refuse_bad_input_and_their_controls_match(llama):
 
 
 def test_residual_sink_test_runs_its_four_conditions(llama):
-    result = residual_sink_test(llama, tokens(llama, n=6, seed=1), calibration=tokens(llama, n=6), channel=4,
+    result = residual_sink_test(llama, tokens(llama, n=6, seed=1), calibration=tokens(llama, n=4, t=10), channel=4,
                                 multiple=0.5, n_resamples=200)
     assert set(result.chains) == {"clean", "clip", "control clip", "mean", "control mean"}
     assert result.effect("clip", "loss").value != 0
