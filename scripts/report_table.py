@@ -16,14 +16,13 @@ from sinkinterp.experiments.battery import REPORT_STAGES, summary_rows
 
 
 def load_report(folder: Path) -> tuple[dict, dict[str, dict]]:
-    """(report.json, {stage: saved stage record}) of one report folder, stages in the report's order."""
+    """(report.json, {stage: its saved record}) of one report folder. report.json holds every
+    stage's record and seconds (only the figures and the page's HTML are left out)."""
     path = folder / "report.json"
     if not path.is_file():
         raise SinkInterpError(f"report folder {str(folder)!r} has no report.json: run `sinkinterp report --out` there first")
     report = json.loads(path.read_text())
-    records = {stage: json.loads((folder / "stages" / f"{stage}.json").read_text())
-               for stage in REPORT_STAGES if stage in report["stages"]}
-    return report, records
+    return report, report["stages"]
 
 
 def _cell(text: str) -> str:

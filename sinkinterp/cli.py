@@ -121,6 +121,13 @@ def _first_token(value: str) -> str | int:
     return int(value) if value.isdigit() else value
 
 
+def _add_first_token_arg(target, what: str) -> None:
+    """``--first-token`` on a parser or argument group; ``what`` says what it is put in front of."""
+    target.add_argument("--first-token", default="default", metavar="default|none|bos|TOKEN",
+                        help=f"what to put before {what}: the model's own convention (default: nothing for "
+                             "SmolLM2, <bos> for Gemma-3), nothing, the BOS token, a token string or a token id")
+
+
 def _scan_and_print(model: Model, args):
     """The scan's result and the tokens it measured (what ``scan_corpus`` does, keeping the tokens
     for the figures' geometry pass)."""
@@ -466,9 +473,7 @@ def _view_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser)
     parser.add_argument("--prompt", required=True, metavar="TEXT",
                         help="the text to look at (tokenized without special tokens, after --first-token)")
-    parser.add_argument("--first-token", default="default", metavar="default|none|bos|TOKEN",
-                        help="what goes before the text: 'default' (the model's BOS convention: <bos> on Gemma-3, "
-                             "nothing on SmolLM2), 'none', 'bos', a token or an id")
+    _add_first_token_arg(parser, "the text")
     parser.add_argument("--layers", type=int, nargs="+", help="layers to show (default: all)")
     parser.add_argument("--heads", type=int, nargs="+", help="heads to show in each layer (default: all)")
     parser.add_argument("--hide-sink", action="store_true",
@@ -496,11 +501,7 @@ def _add_scan_args(parser: argparse.ArgumentParser) -> None:
     flag(group, "--sampling", scan_corpus, "sampling", choices=SAMPLING,
          help="seeded non-overlapping windows within documents, or consecutive chunks from the start of the text")
     flag(group, "--seed", scan_corpus, "seed", type=int, help="which windows")
-    group.add_argument(
-        "--first-token", default="default", metavar="default|none|bos|TOKEN",
-        help="what to put first: the model's own convention (default: nothing for SmolLM2, <bos> for "
-             "Gemma-3), nothing, the BOS token, a token string or a token id",
-    )
+    _add_first_token_arg(group, "each sequence")
     flag(group, "--eps", scan, "eps", type=float, nargs="+", help="sink-ratio thresholds in (0, 1)")
     flag(group, "--batch-size", scan, "batch_size", type=int, help="sequences per forward pass")
     flag(group, "--min-abs", scan, "min_abs", type=float, help="massive activation: |x| above this")

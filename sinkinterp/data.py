@@ -132,6 +132,12 @@ def _first_id(model: Model, first_token: FirstToken) -> int | None:
     return None if first_token == "none" else resolve_token(model, first_token)
 
 
+def _first_ids(model: Model, first_token: FirstToken) -> list[int]:
+    """What goes before a prompt's text: ``[]`` or the one first token's id."""
+    first_id = _first_id(model, first_token)
+    return [] if first_id is None else [first_id]
+
+
 SAMPLING = ("windows", "consecutive")
 
 
@@ -291,8 +297,7 @@ def prompt_ids(model: Model, text: str, first_token: FirstToken = "default") -> 
     """``text`` as the model would be fed it: ``first_token`` (``"default"``: the model's BOS
     convention, so ``<bos>`` on Gemma-3 and nothing on SmolLM2; ``"none"``; ``"bos"``; a token or
     an id), then the text tokenized without special tokens."""
-    first_id = _first_id(model, first_token)
-    return ([] if first_id is None else [first_id]) + list(text_ids(model, text))
+    return _first_ids(model, first_token) + text_ids(model, text)
 
 
 def allowed_ids(model: Model) -> Tensor:
@@ -510,8 +515,7 @@ def needle_prompts(
     if text is None:
         text = corpus_text()
     corpus = text_ids(model, text)
-    first_id = _first_id(model, first_token)
-    prefix = [] if first_id is None else [first_id]
+    prefix = _first_ids(model, first_token)
     rng = random.Random(check_seed(seed))
     rows, starts, lengths, needles, questions = [], [], [], [], []
     for row in range(n_prompts):
@@ -654,8 +658,7 @@ def passkey_prompts(model: Model, n_prompts: int = 40, context_len: int = 128, *
     check_int("n_prompts", n_prompts, 1)
     check_int("digits", digits, 1)
     check_int("context_len", context_len, 2)
-    first_id = _first_id(model, first_token)
-    prefix = [] if first_id is None else [first_id]
+    prefix = _first_ids(model, first_token)
     n_fill = passkey_filler(model, context_len, digits, len(prefix))
     if n_fill < 1:
         raise SinkInterpError(f"context_len {context_len} leaves no room for filler around the key: use a longer "
@@ -684,8 +687,7 @@ def fact_prompts(model: Model, facts: Sequence[tuple[str, str]] = FACTS, *, fill
     if not facts or any(not (isinstance(f, (tuple, list)) and len(f) == 2 and all(isinstance(x, str) for x in f))
                         for f in facts):
         raise SinkInterpError("facts must be a non-empty sequence of (prompt, answer) string pairs")
-    first_id = _first_id(model, first_token)
-    prefix = [] if first_id is None else [first_id]
+    prefix = _first_ids(model, first_token)
     context = PASSKEY_INTRO + PASSKEY_FILLER * filler + " " if filler else ""
     built = [_answer_row(model, prefix, context + prompt, answer) for prompt, answer in facts]
     return AnswerPrompts("facts_in_filler" if filler else "facts", tuple(r for r, _ in built), tuple(n for _, n in built),

@@ -101,6 +101,8 @@ CASES = [
     ("sink_position string", lambda m, t: attention_view(m, t[:1], sink_position="0"), r"sink_position must be an integer"),
     ("max_tokens string", lambda m, t: attention_view(m, t[:1], max_tokens="a"), r"max_tokens must be an integer >= 2"),
     ("title number", lambda m, t: attention_view(m, t[:1], title=123), r"title must be a string, got 123"),
+    ("view first_token float", lambda m, t: attention_view(m, "some text", first_token=1.5),
+     r"first token must be 'default', 'none', 'bos', a token string or an id, got 1.5"),
     ("view interventions not a list", lambda m, t: attention_view(m, t[:1], interventions=MaskSinkKey()), r"interventions must be a list"),
     ("compare not a list", lambda m, t: compare_view(m, t[:1], MaskSinkKey(from_query=8)), r"interventions must be a list"),
     ("figure name escapes", lambda m, t: save_figures({"../escaped": None}, "/tmp"), r"figure name '../escaped' must be a plain file stem"),

@@ -2,7 +2,6 @@
 matplotlib objects. Also the residual profile behind the massive-activation figure, against a
 direct computation. Tiny models and hand-made results, no weights."""
 
-
 import matplotlib
 import numpy as np
 import pytest
