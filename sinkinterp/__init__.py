@@ -105,6 +105,8 @@ from sinkinterp.experiments import (
     QKDisruptionTest,
     load_spec,
     run_experiment,
+    Screen,
+    screen,
     validate_heads,
 )
 
@@ -133,6 +135,6 @@ __all__ = [
     # experiments
     "ExperimentSpec", "load_spec", "builtin_specs", "run_experiment", "validate_heads",
     "FormationTest", "formation_test", "ResidualSinkTest", "residual_sink_test",
-    "BosTest", "bos_test", "QKDisruptionTest", "qk_disruption_test",
+    "BosTest", "bos_test", "QKDisruptionTest", "qk_disruption_test", "Screen", "screen",
 ]
 __version__ = "0.1.0"

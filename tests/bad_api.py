@@ -18,6 +18,7 @@ from sinkinterp.figures import effects_frame, figure_png, plot_head_classes, plo
 from sinkinterp.measure import find_massive_activations, residual_profile, stable_massive_channels
 from sinkinterp.heads import RepeatedTokens, classify_heads, head_scores
 from sinkinterp.interventions import Intervention
+from sinkinterp.experiments.screening import screen
 from sinkinterp.measure.scan import scan, scan_corpus
 from sinkinterp.tiny import tiny_llama
 from sinkinterp.views import attention_view, compare_view
@@ -101,6 +102,10 @@ CASES = [
     ("sink_position string", lambda m, t: attention_view(m, t[:1], sink_position="0"), r"sink_position must be an integer"),
     ("max_tokens string", lambda m, t: attention_view(m, t[:1], max_tokens="a"), r"max_tokens must be an integer >= 2"),
     ("title number", lambda m, t: attention_view(m, t[:1], title=123), r"title must be a string, got 123"),
+    ("screen a type name", lambda m, t: screen(m, t, "MaskSinkKey", from_query=4),
+     r"screen takes an Intervention \(applied to every head it names\), got str"),
+    ("screen batch_size 0", lambda m, t: screen(m, t, MaskSinkKey(from_query=4), from_query=4, batch_size=0),
+     r"batch_size must be an integer >= 1, got 0"),
     ("view first_token float", lambda m, t: attention_view(m, "some text", first_token=1.5),
      r"first token must be 'default', 'none', 'bos', a token string or an id, got 1.5"),
     ("view interventions not a list", lambda m, t: attention_view(m, t[:1], interventions=MaskSinkKey()), r"interventions must be a list"),

@@ -24,9 +24,10 @@ from sinkinterp.stats import (
     paired_difference,
     recovery_fraction,
 )
-from sinkinterp.evaluate import token_metrics
+from sinkinterp.evaluate import evaluate, token_metrics
 from sinkinterp.experiments.sweep import fast_sweep, naive_sweep, restrict, sweep_variants
 from sinkinterp.interventions import (
+    AblateHeads,
     AblateSinkValue,
     ConstantAttentionBias,
     EditMassiveChannels,
@@ -502,19 +503,36 @@ def test_a_repair_better_than_clean_is_flagged_in_the_record_and_the_report():
 
 
 def test_spec_can_mean_ablate_heads(tmp_path):
-    """AblateHeads in a spec: fitted on the calibration split, saved in full, and refused in a sweep."""
+    """AblateHeads in a spec: fitted on the calibration split, saved in full, and swept head by head."""
     spec = ExperimentSpec.from_dict({
         **SPEC, "metrics": ["loss"], "measurements": [], "criteria": [],
         "conditions": [{"name": "heads", "interventions": [
-            {"type": "AblateHeads", "heads": [[0, 1], [1, 4]], "fit": {"mode": "mean"}}]}],
+            {"type": "AblateHeads", "heads": [[0, 1], [1, 4]], "fit": {"mode": "mean"}}]},
+            {"name": "swept", "sweep": "heads", "interventions": [
+                {"type": "AblateHeads", "heads": "all", "fit": {"mode": "mean"}}]}],
     })
     results = run_experiment(spec, tmp_path / "run", log=quiet)
-    (condition,) = results["conditions"]
+    condition, swept = results["conditions"]
     saved = condition["interventions"][0]
     assert saved["type"] == "AblateHeads" and saved["heads"] == [[0, 1], [1, 4]] and len(saved["value"]) == 2
     assert condition["metrics"]["loss"]["delta"]["value"] != 0
-    swept = {**SPEC, "conditions": [{"name": "s", "sweep": "layers", "interventions": [
-        {"type": "AblateHeads", "heads": [[0, 1]], "mode": "zero"}]}]}
-    with pytest.raises(SinkInterpError, match="AblateHeads names its own heads and cannot be swept"):
-        run_experiment(ExperimentSpec.from_dict({**swept, "metrics": ["loss"], "measurements": [], "criteria": []}),
-                       tmp_path / "swept", log=quiet)
+    assert [(v["layer"], v["head"]) for v in swept["sweep"]["variants"]] == [(l, h) for l in range(2) for h in range(6)]
+
+
+def test_ablate_heads_sweeps_each_pair_with_its_own_mean():
+    """Restricted to one head, AblateHeads keeps that pair's stored mean: each sweep variant's loss
+    is that of the pair ablated alone."""
+    model = tiny_llama()
+    tokens = random_tokens(model, 4, 24, seed=3)
+    whole = AblateHeads.fit(model, tokens, heads=[(0, 1), (1, 4), (1, 2)], from_query=2)
+    variants = sweep_variants(model, [whole], "heads")
+    assert [v.label for v in variants] == [{"layer": 0, "head": 1}, {"layer": 1, "head": 2}, {"layer": 1, "head": 4}]
+    swept = fast_sweep(model, tokens, variants, from_query=4, batch_size=4)
+    for variant, result in zip(variants, swept):
+        index = whole.heads.index((variant.layer, variant.head))
+        alone = AblateHeads(heads=[(variant.layer, variant.head)], mode="mean", value=[whole.value[index]],
+                            from_query=2)
+        expected = evaluate(model, tokens, alone, from_query=4).loss
+        assert torch.allclose(result["loss"], expected.double(), atol=1e-5)
+    layer = sweep_variants(model, [whole], "layers")
+    assert [v.interventions[0].heads for v in layer] == [((0, 1),), ((1, 4), (1, 2))]

@@ -10,6 +10,7 @@ from sinkinterp.experiments.formation import (
     residual_sink_test,
 )
 from sinkinterp.experiments.runner import run_experiment
+from sinkinterp.experiments.screening import Screen, agreement, screen, spearman, sweep_table
 from sinkinterp.experiments.spec import (
     BootstrapSpec,
     ConditionSpec,
@@ -33,5 +34,5 @@ __all__ = [
     "run_experiment", "Estimate", "bootstrap_mean", "bootstrap_statistic", "paired_difference",
     "recovery_fraction", "validate_heads", "validation_specs", "FormationTest", "formation_test",
     "ChainEffects", "ResidualSinkTest", "residual_sink_test", "BosTest", "bos_test",
-    "QKDisruptionTest", "qk_disruption_test",
+    "QKDisruptionTest", "qk_disruption_test", "Screen", "screen", "agreement", "spearman", "sweep_table",
 ]

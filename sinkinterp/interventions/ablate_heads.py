@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +46,7 @@ class AblateHeads(Intervention):
     """
 
     NEEDS: ClassVar[tuple[str, ...]] = ("attn.hook_z",)
+    HEAD_SWEEP: ClassVar[bool] = True
     ARRAY_AXES: ClassVar[dict[str, tuple[str, ...]]] = {"value": ("pair", "d_head")}
     FIT_OPTIONS: ClassVar[dict[str, FitOption]] = {
         "mode": FitOption("'mean' (each head's output averaged over the calibration split)", one_of("mean")),
@@ -73,7 +75,10 @@ class AblateHeads(Intervention):
 
     @classmethod
     def fit(cls, model: Model, tokens: Int[Tensor, "batch pos"], *, heads, from_query: int = 1) -> AblateHeads:
-        """Each head's ``z`` averaged over ``tokens`` at positions >= ``from_query``."""
+        """Each head's ``z`` averaged over ``tokens`` at positions >= ``from_query``; ``heads="all"``
+        is every (layer, head) of the model (to sweep or screen them one by one)."""
+        if heads == "all":
+            heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
         pairs = check_head_pairs(model, cls(heads=heads, mode="zero").heads)
         check_tokens(model, tokens)
         check_int("from_query", from_query)
@@ -92,11 +97,18 @@ class AblateHeads(Intervention):
 
     @classmethod
     def check_record(cls, model: Model, record: dict[str, Any]) -> None:
-        check_head_pairs(model, record.get("heads", ()))
+        if record.get("heads") != "all":  # "all": every head of the model, named by the fit
+            check_head_pairs(model, record.get("heads", ()))
         cls.check_model(model, {**record, **(record.get("fit") or {})}, where=record["type"])
 
     def restrict(self, model: Model, layer: int, head: int | None = None) -> Intervention | None:
-        raise SinkInterpError("AblateHeads names its own heads and cannot be swept by layer or head")
+        """Its pairs at ``layer`` (and ``head``), with their stored means; None if it names none there."""
+        check_head_pairs(model, self.heads)
+        keep = [i for i, (l, h) in enumerate(self.heads) if l == layer and (head is None or h == head)]
+        if not keep:
+            return None
+        value = None if self.value is None else tuple(self.value[i] for i in keep)
+        return dataclasses.replace(self, heads=tuple(self.heads[i] for i in keep), value=value)
 
     def hooks(self, model: Model) -> list[Hook]:
         pairs = check_head_pairs(model, self.heads)
