@@ -39,7 +39,7 @@ def spec_with(**changes):
 
 def test_builtin_specs_load_and_round_trip():
     names = set(builtin_specs())
-    assert names == {"implicit-bias", "no-op", "massive", "stand-ins", "window-attention"}
+    assert names == {"implicit-bias", "no-op", "massive", "stand-ins", "window-attention", "screen"}
     for name in names:
         spec = load_spec(name)
         assert spec.name == name
@@ -83,6 +83,15 @@ def test_overrides_and_fingerprint():
     ({"conditions__1__name": "mask"}, r"duplicate condition name"),
     ({"conditions__1__name": "clean"}, r"a name other than 'clean'"),
     ({"conditions__0__sweep": "neurons"}, r"sweep: 'neurons' is not one of \('layers', 'heads'\)"),
+    ({"conditions__0__sweep": "heads", "conditions__0__method": "guess"},
+     r"conditions\[0\] \('mask'\).method: 'guess' is not one of \('exact', 'screen'\)"),
+    ({"conditions__0__sweep": "layers", "conditions__0__method": "screen"},
+     r"a screen estimates one head at a time: it needs sweep: heads, not 'layers'"),
+    ({"conditions__0__method": "screen"}, r"method: 'screen' is how a sweep is computed; this condition has no sweep"),
+    ({"conditions__0__sweep": "heads", "conditions__0__confirm": 5},
+     r"confirm: 5 reruns a screen's top hits exactly; it needs method: screen"),
+    ({"conditions__0__sweep": "heads", "conditions__0__method": "screen", "conditions__0__confirm": -1},
+     r"confirm: -1 is not an integer >= 0"),
     ({"conditions": []}, r"spec.conditions: is empty"),
     ({"criteria__0__kind": "improves"}, r"spec.criteria\[0\].kind: unknown kind 'improves'; allowed: increases"),
     ({"criteria__0__condition": "mask"}, r"'mask' repairs nothing: give it 'repairs: <condition>'"),

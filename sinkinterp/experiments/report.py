@@ -206,7 +206,15 @@ def assemble(spec: ExperimentSpec, clean: dict, records: list[dict], measurement
                  **{m: {"value": stats.value(variant["per_sequence"], m).to_dict(),
                         "delta": stats.delta(variant["per_sequence"], m).to_dict()} for m in sweep_metrics},
                  "per_sequence": variant["per_sequence"]}
-                for variant in record["sweep"]]}
+                for variant in record["sweep"]], "method": record.get("method", "exact")}
+            if record.get("method") == "screen":
+                estimated = {(v["layer"], v["head"]): v for v in entry["sweep"]["variants"]}
+                entry["sweep"]["screen_seconds"] = record["screen_seconds"]
+                entry["sweep"]["confirmed"] = [
+                    {"layer": v["layer"], "head": v["head"],
+                     "estimate": estimated[v["layer"], v["head"]]["loss"]["delta"],
+                     "exact": stats.delta(v["per_sequence"], "loss").to_dict(), "per_sequence": v["per_sequence"]}
+                    for v in record["confirmed"]]
         else:
             ps = record["per_sequence"]
             entry["metrics"] = {m: {"value": stats.value(ps, m).to_dict(), "delta": stats.delta(ps, m).to_dict()}
@@ -346,9 +354,17 @@ def format_report(results: dict[str, Any]) -> str:
         variants = c["sweep"]["variants"]
         top = sorted(variants, key=lambda v: -v["loss"]["delta"]["value"])[:5]
         name = lambda v: f"L{v['layer']}" + (f"H{v['head']}" if "head" in v else "")  # noqa: E731
-        lines += [f"### Sweep: {c['name']} (over {c['sweep']['over']}, {len(variants)} variants)", "",
-                  "Largest loss increases: " + ", ".join(f"{name(v)} {_signed(v['loss']['delta'])}" for v in top),
-                  "", f"![{c['name']}]({_figure_name(c['name'])})", ""]
+        screened = c["sweep"].get("method") == "screen"
+        lines += [f"### Sweep: {c['name']} (over {c['sweep']['over']}, {len(variants)} variants"
+                  + (", attribution-patching screen)" if screened else ")"), "",
+                  ("Largest estimated loss increases (linear estimates, intervals over sequences): " if screened
+                   else "Largest loss increases: ") + ", ".join(f"{name(v)} {_signed(v['loss']['delta'])}" for v in top),
+                  ""]
+        if c["sweep"].get("confirmed"):
+            lines += [f"Top {len(c['sweep']['confirmed'])} rerun exactly: " + ", ".join(
+                f"{name(v)} estimated {v['estimate']['value']:+.3f}, exact {_signed(v['exact'])}"
+                for v in c["sweep"]["confirmed"]), ""]
+        lines += [f"![{c['name']}]({_figure_name(c['name'])})", ""]
     for name, m in results["measurements"].items():
         lines += [f"## Measurement: {name}", "",
                   f"Over the {m['n_sink_heads']} heads whose clean sink score exceeds eps = {spec['eps']}, "

@@ -42,6 +42,7 @@ from sinkinterp.errors import SinkInterpError
 from sinkinterp.evaluate import METRICS, Evaluator, step_metrics
 from sinkinterp.experiments.report import assemble, write_outputs
 from sinkinterp.experiments.spec import STEP_SOURCES, ConditionSpec, ExperimentSpec
+from sinkinterp.experiments.screening import Screen, screen
 from sinkinterp.experiments.sweep import fast_sweep, sweep_variants
 from sinkinterp.heads.scores import RepeatedTokens
 from sinkinterp.interventions import (
@@ -196,14 +197,32 @@ class _Evaluator(Evaluator):
                            record_alpha=self.alpha or clean)
 
     def sweep(self, interventions: list, kind: str, progress: bool) -> tuple[list, list[dict[str, Tensor]]]:
-        if any(hasattr(iv, "build") for iv in interventions):
-            raise SinkInterpError("a sweep cannot use per-sequence patch sources (fit source 'other')")
+        self._refuse_patch_sources(interventions)
         variants = sweep_variants(self.model, interventions, kind)
         metrics = ("loss",)  # a sweep reports the per-layer (per-head) loss effect
         options = dict(from_query=self.spec.from_query, metrics=metrics, batch_size=self.spec.data.batch_size,
                        progress=progress)
         results = fast_sweep(self.model, self.tokens, variants, max_rows=self.spec.sweep_rows, **options)
         return variants, results
+
+    def screen(self, intervention, confirm: int, progress: bool) -> tuple[Screen, list[dict[str, Tensor]]]:
+        """The attribution-patching screen of one per-head intervention, and the exact loss of its
+        ``confirm`` top hits (in the screen's order)."""
+        self._refuse_patch_sources([intervention])
+        result = screen(self.model, self.tokens, intervention, from_query=self.spec.from_query,
+                        batch_size=self.spec.data.batch_size, progress=progress)
+        confirmed = []
+        if confirm:
+            confirmed = fast_sweep(self.model, self.tokens, result.top(min(confirm, len(result.variants))),
+                                   from_query=self.spec.from_query, metrics=("loss",),
+                                   batch_size=self.spec.data.batch_size, max_rows=self.spec.sweep_rows,
+                                   progress=progress)
+        return result, confirmed
+
+    @staticmethod
+    def _refuse_patch_sources(interventions: list) -> None:
+        if any(hasattr(iv, "build") for iv in interventions):
+            raise SinkInterpError("a sweep cannot use per-sequence patch sources (fit source 'other')")
 
 
 def _lists(values: dict[str, Tensor]) -> dict[str, list]:
@@ -361,6 +380,16 @@ def _show_progress() -> bool:
 
 def _run_condition(run: Prepared, condition: ConditionSpec, progress: bool) -> dict[str, Any]:
     spec, model = run.spec, run.model
+    if condition.method == "screen":
+        (intervention,) = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
+        result, confirmed = run.evaluator.screen(intervention, condition.confirm, progress)
+        top = result.top(len(confirmed)) if confirmed else []
+        # per_sequence holds the screen's estimated losses (clean + estimate), so a screen reads
+        # like an exact sweep; the confirmed top hits carry their exact losses beside them.
+        return {"name": condition.name, "interventions": [intervention.to_dict()], "method": "screen",
+                "screen_seconds": round(result.seconds, 3), "clean_loss": result.clean.tolist(),
+                "sweep": [{**v.label, "per_sequence": _lists(r)} for v, r in zip(result.variants, result.results)],
+                "confirmed": [{**v.label, "per_sequence": _lists(r)} for v, r in zip(top, confirmed)]}
     if condition.sweep is not None:
         interventions = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
         variants, results = run.evaluator.sweep(interventions, condition.sweep, progress)

@@ -35,6 +35,7 @@ __all__ = [
 SPEC_DIR = Path(__file__).with_name("specs")
 
 SWEEPS = ("layers", "heads")
+SWEEP_METHODS = ("exact", "screen")
 DATA_SOURCES = ("corpus", "random", "needle", "repeated")
 #: Sources scored at chosen steps, not at every query from from_query on: the needle's answer tokens
 #: (teacher-forced reproduction) and the second half of repeated random tokens (induction targets).
@@ -87,6 +88,10 @@ class ConditionSpec:
     repairs: Union[str, None] = None  # the broken condition this one repairs (recovery fraction)
     control_for: Union[str, None] = None  # the condition this one controls for
     sweep: Union[str, None] = None  # 'layers' or 'heads': one variant per layer / (layer, head)
+    # How a heads sweep is computed: 'exact' (one resumed forward per variant) or 'screen'
+    # (attribution patching, experiments.screening); a screen reruns its `confirm` top hits exactly.
+    method: str = "exact"
+    confirm: int = 0
     # A condition with a seeded random choice (a random key position, random channels, random first
     # tokens) run this many times with different draws; it is reported as a distribution.
     draws: int = 1
@@ -371,6 +376,21 @@ def _validate(spec: ExperimentSpec) -> None:
                 _fail(f"{path}.sweep", f"{condition.sweep!r} is not one of {SWEEPS}")
             if condition.replace_first_token is not None:
                 _fail(f"{path}.sweep", "a sweep varies interventions by layer; it cannot replace the first token")
+            if condition.method not in SWEEP_METHODS:
+                _fail(f"{path}.method", f"{condition.method!r} is not one of {SWEEP_METHODS}")
+            if condition.method == "screen" and condition.sweep != "heads":
+                _fail(f"{path}.method", f"a screen estimates one head at a time: it needs sweep: heads, not "
+                      f"{condition.sweep!r}")
+            if condition.method == "screen" and len(condition.interventions) != 1:
+                _fail(f"{path}.interventions", f"a screen estimates one intervention type per head, got "
+                      f"{len(condition.interventions)} interventions")
+        elif condition.method != "exact":
+            _fail(f"{path}.method", f"{condition.method!r} is how a sweep is computed; this condition has no sweep")
+        if isinstance(condition.confirm, bool) or not isinstance(condition.confirm, int) or condition.confirm < 0:
+            _fail(f"{path}.confirm", f"{condition.confirm!r} is not an integer >= 0 (the top hits to rerun exactly)")
+        if condition.confirm and condition.method != "screen":
+            _fail(f"{path}.confirm", f"{condition.confirm} reruns a screen's top hits exactly; it needs "
+                  "method: screen")
         for j, record in enumerate(condition.interventions):
             where = f"{path}.interventions[{j}]"
             kind = record.get("type")
