@@ -127,6 +127,12 @@ def test_confirm_runs_the_exact_sweep_on_the_top_hits_in_the_screens_order():
         assert row.exact == pytest.approx(float((r["loss"] - result.clean).mean()), abs=1e-6)
         assert row.estimate == pytest.approx(float(means[result.variants.index(top[row.rank - 1])]))
         assert row.low <= row.exact <= row.high
+    both = result.top(2, largest=3)
+    assert both[:2] == top[:2] and len(both) == 5
+    others = [i for i in range(len(result.variants)) if result.variants[i] not in top[:2]]
+    biggest = sorted(others, key=lambda i: -float(result.perturbation[i]))[:3]
+    assert both[2:] == [result.variants[i] for i in biggest]
+    assert (result.perturbation >= 0).all() and result.perturbation.max() > 0.01
     frame = result.table()
     assert list(frame.columns) == ["layer", "head", "delta", "low", "high"]
     assert frame["delta"].is_monotonic_decreasing and len(frame) == len(result.variants)
@@ -147,6 +153,11 @@ def test_rank_statistics_on_known_values():
     assert out["top10_overlap"] == pytest.approx(0.9)  # heads 2..10 shared; 0 in the estimate's top 10, 1 in exact's
     assert {(m["head"], m["estimate_rank"], m["exact_rank"]) for m in out["misses"]} == {(0, 1, 12), (11, 12, 1)}
     assert "top20_overlap" not in agreement(variants, estimate, exact)  # fewer than 20 variants
+    # rerunning the 10 largest perturbations too finds head 11, which the estimate ranks last
+    size = torch.zeros(12)
+    size[11] = 5.0
+    with_size = agreement(variants, estimate, exact, ks=(10,), perturbation=size)
+    assert with_size["top10_recall_with_largest"] == pytest.approx(1.0)
     with pytest.raises(SinkInterpError, match="spearman needs two 1-d tensors of one length >= 2"):
         spearman(a, a[:3])
     clean = torch.zeros(3, dtype=torch.float64)
@@ -191,13 +202,16 @@ def test_a_spec_screen_confirms_its_top_hits_with_the_exact_sweeps_losses(tmp_pa
     by_head = {(v["layer"], v["head"]): v for v in exact["sweep"]["variants"]}
     estimated = sorted(screened["sweep"]["variants"], key=lambda v: -v["loss"]["delta"]["value"])
     confirmed = screened["sweep"]["confirmed"]
-    assert [(v["layer"], v["head"]) for v in confirmed] == [(v["layer"], v["head"]) for v in estimated[:3]]
+    assert len(confirmed) == 6  # the 3 largest estimates, then the 3 largest perturbations among the rest
+    assert [(v["layer"], v["head"]) for v in confirmed[:3]] == [(v["layer"], v["head"]) for v in estimated[:3]]
+    rest = sorted(estimated[3:], key=lambda v: -v["perturbation"])
+    assert [(v["layer"], v["head"]) for v in confirmed[3:]] == [(v["layer"], v["head"]) for v in rest[:3]]
     for v in confirmed:
         same = by_head[v["layer"], v["head"]]
         assert v["per_sequence"]["loss"] == pytest.approx(same["per_sequence"]["loss"], abs=1e-6)
         assert v["exact"]["value"] == pytest.approx(same["loss"]["delta"]["value"], abs=1e-6)
     text = format_report(results)
-    assert "attribution-patching screen" in text and "Top 3 rerun exactly" in text
+    assert "attribution-patching screen" in text and "Rerun exactly (6: the largest estimates" in text
 
 
 def test_the_builtin_screen_spec_runs_every_type_and_confirms(tmp_path):
@@ -212,5 +226,5 @@ def test_the_builtin_screen_spec_runs_every_type_and_confirms(tmp_path):
                                                          "constant slot for the sink"]
     for c in results["conditions"]:
         assert c["sweep"]["method"] == "screen" and len(c["sweep"]["variants"]) == 12
-        assert len(c["sweep"]["confirmed"]) == 2
+        assert len(c["sweep"]["confirmed"]) == 4
         assert all(v["exact"]["value"] != 0 for v in c["sweep"]["confirmed"])

@@ -361,7 +361,8 @@ def format_report(results: dict[str, Any]) -> str:
                    else "Largest loss increases: ") + ", ".join(f"{name(v)} {_signed(v['loss']['delta'])}" for v in top),
                   ""]
         if c["sweep"].get("confirmed"):
-            lines += [f"Top {len(c['sweep']['confirmed'])} rerun exactly: " + ", ".join(
+            lines += [f"Rerun exactly ({len(c['sweep']['confirmed'])}: the largest estimates, then the largest "
+                      "perturbations ||z' - z|| / ||z||): " + ", ".join(
                 f"{name(v)} estimated {v['estimate']['value']:+.3f}, exact {_signed(v['exact'])}"
                 for v in c["sweep"]["confirmed"]), ""]
         lines += [f"![{c['name']}]({_figure_name(c['name'])})", ""]

@@ -213,11 +213,18 @@ class _Evaluator(Evaluator):
                         batch_size=self.spec.data.batch_size, progress=progress)
         confirmed = []
         if confirm:
-            confirmed = fast_sweep(self.model, self.tokens, result.top(min(confirm, len(result.variants))),
+            confirmed = fast_sweep(self.model, self.tokens, self.confirmed_variants(result, confirm),
                                    from_query=self.spec.from_query, metrics=("loss",),
                                    batch_size=self.spec.data.batch_size, max_rows=self.spec.sweep_rows,
                                    progress=progress)
         return result, confirmed
+
+    @staticmethod
+    def confirmed_variants(result: Screen, confirm: int) -> list:
+        """What ``confirm: k`` reruns: the k largest estimates, then the k largest perturbations
+        among the rest (where the linear estimate is least to be trusted)."""
+        k = min(confirm, len(result.variants))
+        return result.top(k, largest=k)
 
     @staticmethod
     def _refuse_patch_sources(interventions: list) -> None:
@@ -383,12 +390,13 @@ def _run_condition(run: Prepared, condition: ConditionSpec, progress: bool) -> d
     if condition.method == "screen":
         (intervention,) = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]
         result, confirmed = run.evaluator.screen(intervention, condition.confirm, progress)
-        top = result.top(len(confirmed)) if confirmed else []
+        top = run.evaluator.confirmed_variants(result, condition.confirm) if confirmed else []
         # per_sequence holds the screen's estimated losses (clean + estimate), so a screen reads
         # like an exact sweep; the confirmed top hits carry their exact losses beside them.
         return {"name": condition.name, "interventions": [intervention.to_dict()], "method": "screen",
                 "screen_seconds": round(result.seconds, 3), "clean_loss": result.clean.tolist(),
-                "sweep": [{**v.label, "per_sequence": _lists(r)} for v, r in zip(result.variants, result.results)],
+                "sweep": [{**v.label, "perturbation": float(size), "per_sequence": _lists(r)}
+                          for v, r, size in zip(result.variants, result.results, result.perturbation)],
                 "confirmed": [{**v.label, "per_sequence": _lists(r)} for v, r in zip(top, confirmed)]}
     if condition.sweep is not None:
         interventions = [_fit(model, record, run.calibration, spec.seed) for record in condition.interventions]

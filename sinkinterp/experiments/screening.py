@@ -81,6 +81,9 @@ class Screen:
     intervention: Intervention
     variants: list[Variant] = dataclasses.field(repr=False)
     estimates: Tensor = dataclasses.field(repr=False)
+    perturbation: Tensor = dataclasses.field(repr=False)
+    """[variant]: ||z' - z|| / ||z|| of the head over every sequence and position: how far from the
+    clean point the linear estimate is taken (1 or more: not a small perturbation)."""
     clean: Tensor = dataclasses.field(repr=False)
     from_query: int
     batch_size: int
@@ -99,30 +102,40 @@ class Screen:
         """The estimates as :func:`sweep_table` gives an exact sweep (largest first)."""
         return sweep_table(self.variants, self.results, self.clean, seed=seed)
 
-    def top(self, k: int) -> list[Variant]:
-        """The ``k`` variants with the largest estimated loss increase, largest first."""
+    def top(self, k: int, *, largest: int = 0) -> list[Variant]:
+        """The ``k`` variants with the largest estimated loss increase, largest first; then the
+        ``largest`` variants with the largest :attr:`perturbation` not already among them (where
+        the linear estimate is least to be trusted)."""
         check_int("top_k", k, 1)
-        order = torch.argsort(self.mean(), descending=True, stable=True)
-        return [self.variants[i] for i in order[:k].tolist()]
+        check_int("largest", largest)
+        order = torch.argsort(self.mean(), descending=True, stable=True)[:k].tolist()
+        by_size = [i for i in torch.argsort(self.perturbation, descending=True, stable=True).tolist()
+                   if i not in order][:largest]
+        return [self.variants[i] for i in order + by_size]
 
-    def confirm(self, top_k: int = 10, *, max_rows: int = 64, progress: bool = False):
-        """Run the exact (fast) sweep on the ``top_k`` highest-ranked variants, on the screen's own
-        tokens. A DataFrame, in the screen's order: ``layer``, ``head``, ``estimate`` (the
-        screen's mean loss change), ``exact`` with its interval (``low``, ``high``) and
-        ``error`` = estimate - exact."""
+    def confirm(self, top_k: int = 10, *, largest: int = 0, max_rows: int = 64, progress: bool = False):
+        """Run the exact (fast) sweep on the ``top_k`` highest-ranked variants, and on the
+        ``largest`` others with the largest perturbation (:meth:`top`), on the screen's own
+        tokens. A DataFrame, in that order: ``layer``, ``head``, ``rank`` (by estimate),
+        ``perturbation``, ``estimate`` (the screen's mean loss change), ``exact`` with its
+        interval (``low``, ``high``) and ``error`` = estimate - exact."""
         import pandas as pd
 
-        chosen = self.top(top_k)
+        chosen = self.top(top_k, largest=largest)
         exact = fast_sweep(self.model, self.tokens, chosen, from_query=self.from_query, metrics=("loss",),
                            batch_size=self.batch_size, max_rows=max_rows, progress=progress)
         means = self.mean()
+        rank_of = torch.empty(len(means), dtype=torch.long)
+        rank_of[torch.argsort(means, descending=True, stable=True)] = torch.arange(1, len(means) + 1)
         index = {(v.layer, v.head): i for i, v in enumerate(self.variants)}
         rows = []
-        for rank, (variant, result) in enumerate(zip(chosen, exact), start=1):
+        for variant, result in zip(chosen, exact):
+            i = index[variant.layer, variant.head]
             delta = bootstrap_mean(result["loss"].double() - self.clean, seed=0)
-            estimate = float(means[index[variant.layer, variant.head]])
-            rows.append({**variant.label, "rank": rank, "estimate": estimate, "exact": delta.value,
-                         "low": delta.low, "high": delta.high, "error": estimate - delta.value})
+            estimate = float(means[i])
+            rows.append({**variant.label, "rank": int(rank_of[i]), "perturbation": float(self.perturbation[i]),
+                         "estimate": estimate, "exact": delta.value, "low": delta.low, "high": delta.high,
+                         "error": estimate - delta.value})
         return pd.DataFrame(rows)
 
     def validate(self, exact: list[dict[str, Tensor]] | None = None, *, max_rows: int = 64,
@@ -135,13 +148,14 @@ class Screen:
         if len(exact) != len(self.variants):
             raise SinkInterpError(f"validate: {len(exact)} exact results for {len(self.variants)} variants")
         exact_mean = torch.stack([r["loss"].double() - self.clean for r in exact]).mean(dim=1)
-        return agreement(self.variants, self.mean(), exact_mean)
+        return agreement(self.variants, self.mean(), exact_mean, perturbation=self.perturbation)
 
     def to_dict(self) -> dict[str, Any]:
         """What a results file keeps: the intervention, the per-sequence estimates per variant."""
         return {"method": "screen", "intervention": self.intervention.to_dict(), "from_query": self.from_query,
                 "seconds": round(self.seconds, 3), "clean": self.clean.tolist(),
-                "variants": [{**v.label, "estimate": row.tolist()} for v, row in zip(self.variants, self.estimates)]}
+                "variants": [{**v.label, "estimate": row.tolist(), "perturbation": float(size)}
+                             for v, row, size in zip(self.variants, self.estimates, self.perturbation)]}
 
 
 def _ranks(values: Tensor) -> Tensor:
@@ -168,10 +182,13 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
 
 def agreement(variants: list[Variant], estimate: Tensor, exact: Tensor, *, ks: tuple[int, ...] = (10, 20),
-              n_misses: int = 5) -> dict[str, Any]:
+              n_misses: int = 5, perturbation: Tensor | None = None) -> dict[str, Any]:
     """How an estimated per-variant loss change ranks the variants against the exact one: Spearman's
     rank correlation, the overlap of the top-k sets (largest increase first, as a fraction of k),
-    and the ``n_misses`` variants with the largest |estimate - exact|."""
+    and the ``n_misses`` variants with the largest |estimate - exact|. With ``perturbation``
+    (:attr:`Screen.perturbation`), also ``top{k}_recall_with_largest``: the share of the exact
+    top k found among the estimate's top k plus the k largest perturbations (what
+    ``confirm(k, largest=k)`` reruns), and each miss's perturbation."""
     if not len(variants) == len(estimate) == len(exact):
         raise SinkInterpError(f"agreement: {len(variants)} variants, {len(estimate)} estimates, {len(exact)} exact")
     estimate, exact = estimate.double(), exact.double()
@@ -182,13 +199,19 @@ def agreement(variants: list[Variant], estimate: Tensor, exact: Tensor, *, ks: t
         if k <= len(variants):
             shared = set(by_estimate[:k].tolist()) & set(by_exact[:k].tolist())
             out[f"top{k}_overlap"] = len(shared) / k
+            if perturbation is not None:
+                by_size = torch.argsort(perturbation, descending=True, stable=True)
+                rerun = [i for i in by_size.tolist() if i not in set(by_estimate[:k].tolist())][:k]
+                found = (set(by_estimate[:k].tolist()) | set(rerun)) & set(by_exact[:k].tolist())
+                out[f"top{k}_recall_with_largest"] = len(found) / k
     exact_rank = torch.empty(len(exact), dtype=torch.long)
     exact_rank[by_exact] = torch.arange(1, len(exact) + 1)
     estimate_rank = torch.empty(len(exact), dtype=torch.long)
     estimate_rank[by_estimate] = torch.arange(1, len(exact) + 1)
     worst = torch.argsort((estimate - exact).abs(), descending=True, stable=True)[:n_misses]
     out["misses"] = [{**variants[i].label, "estimate": float(estimate[i]), "exact": float(exact[i]),
-                      "estimate_rank": int(estimate_rank[i]), "exact_rank": int(exact_rank[i])}
+                      "estimate_rank": int(estimate_rank[i]), "exact_rank": int(exact_rank[i]),
+                      **({} if perturbation is None else {"perturbation": float(perturbation[i])})}
                      for i in worst.tolist()]
     return out
 
@@ -229,6 +252,8 @@ def screen(model: Model, tokens: Tensor, intervention: Intervention, *, from_que
     started = time.perf_counter()
     tqdm = progress_bar()
     estimates, clean = [], []
+    change = torch.zeros(len(variants), dtype=torch.float64)  # sum of ||z' - z||^2 per variant
+    size = torch.zeros(len(variants), dtype=torch.float64)  # sum of ||z||^2
     for begin in tqdm(range(0, tokens.shape[0], batch_size), desc="screen", unit="batch", disable=not progress,
                       leave=False):
         batch = tokens[begin:begin + batch_size]
@@ -238,8 +263,12 @@ def screen(model: Model, tokens: Tensor, intervention: Intervention, *, from_que
                     for layer in layers}
         estimates.append(torch.stack([per_head[v.layer][:, v.head] for v in variants]))
         clean.append(loss)
+        for i, v in enumerate(variants):
+            change[i] += float(deltas[v.layer][:, :, v.head].double().square().sum())
+            size[i] += float(z[v.layer][:, :, v.head].double().square().sum())
     return Screen(model=model, tokens=tokens, intervention=intervention, variants=variants,
-                  estimates=torch.cat(estimates, dim=1), clean=torch.cat(clean), from_query=from_query,
+                  estimates=torch.cat(estimates, dim=1), perturbation=(change / size.clamp(min=1e-30)).sqrt(),
+                  clean=torch.cat(clean), from_query=from_query,
                   batch_size=batch_size, seconds=time.perf_counter() - started)
 
 

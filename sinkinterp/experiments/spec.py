@@ -89,7 +89,8 @@ class ConditionSpec:
     control_for: Union[str, None] = None  # the condition this one controls for
     sweep: Union[str, None] = None  # 'layers' or 'heads': one variant per layer / (layer, head)
     # How a heads sweep is computed: 'exact' (one resumed forward per variant) or 'screen'
-    # (attribution patching, experiments.screening); a screen reruns its `confirm` top hits exactly.
+    # (attribution patching, experiments.screening); a screen reruns exactly its `confirm` largest
+    # estimates and its `confirm` largest perturbations (where the linear estimate is least trusted).
     method: str = "exact"
     confirm: int = 0
     # A condition with a seeded random choice (a random key position, random channels, random first

@@ -21,6 +21,21 @@ from sinkinterp.errors import SinkInterpError
 MASSIVE_COLUMNS = ["layer", "seq", "position", "channel", "value", "ratio_to_median", "token"]
 
 
+#: The largest float64 copy of part of an attention pattern that a reducer makes at once. A whole
+#: [batch, head, T, T] pattern in float64 is 4.8 GB for SmolLM2's 9 heads at T = 8192 (twice the
+#: pattern the forward already holds), so reductions that need float64 go through blocks of queries.
+QUERY_BLOCK_BYTES = 256 * 2**20
+
+
+def query_blocks(pattern: Tensor, max_bytes: int | None = None):
+    """Slices of the query axis (dim 2) of ``pattern`` [batch head query key] whose float64 copy
+    stays under ``max_bytes`` (default :data:`QUERY_BLOCK_BYTES`; at least one query each)."""
+    max_bytes = QUERY_BLOCK_BYTES if max_bytes is None else max_bytes
+    batch, heads, n_queries, n_keys = pattern.shape
+    step = max(1, max_bytes // max(1, batch * heads * n_keys * 8))
+    return [slice(start, min(start + step, n_queries)) for start in range(0, n_queries, step)]
+
+
 def token_text(model: Model, token_id: int) -> str:
     tokenizer = getattr(model, "tokenizer", None)
     return str(token_id) if tokenizer is None else tokenizer.decode([token_id])

@@ -22,6 +22,7 @@ from sinkinterp._batches import (
 from sinkinterp.backends import Model, attention_windows
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.measure.common import (
+    query_blocks,
     seen_counts,
     token_text,
 )
@@ -294,7 +295,9 @@ class SinkReducer(Reducer):
             share = p[:, :, 1:, 0].sum(dim=-1).double() / (n_queries[:, :1] - 1).clamp(min=1)
             self.share_sum[layer] += share.sum(dim=0).cpu()
             real = batch.valid().to(p.device)[:, None, 1:]  # [batch 1 query]: real queries i >= 1
-            missing = ((1 - p[:, :, 1:].double().sum(dim=-1)) * real).sum(dim=-1) / real.sum(dim=-1).clamp(min=1)
+            # The row sums in float64 (a learned sink's missing mass is small), a block of queries at a time.
+            row_sums = torch.cat([p[:, :, 1:][:, :, rows].double().sum(dim=-1) for rows in query_blocks(p)], dim=-1)
+            missing = ((1 - row_sums) * real).sum(dim=-1) / real.sum(dim=-1).clamp(min=1)
             self.missing_sum[layer] += missing.sum(dim=0).cpu()
             counted = self._counted(batch).to(p.device)[:, None, :]  # [batch 1 key]
             for e in self.eps:

@@ -12,6 +12,7 @@ from torch import Tensor
 from sinkinterp.backends import Model, attention_windows
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.measure.common import (
+    query_blocks,
     query_weights,
     register_measurement,
 )
@@ -53,14 +54,17 @@ class _ValueWeightedReducer(PerHeadReducer):
     def _hook(self, layer: int):
         def reduce(pattern: Float[Tensor, "batch head query key"], hook) -> None:
             f, self.value_norm = self.value_norm, None
-            a = self.batch.align(pattern, dims=(2, 3)).double()
+            a = self.batch.align(pattern, dims=(2, 3))
             weights = query_weights(self.batch, a.device)
             seeing = query_weights(self.batch, a.device, self.windows[layer])  # queries that see the sink
-            # ||A[i,j] v_j W_O|| = A[i,j] ||v_j W_O|| since A[i,j] >= 0.
-            total = torch.einsum("bhij,bhj->bhi", a, f)
-            sink = a[..., 0] * f[..., :1]
+            # ||A[i,j] v_j W_O|| = A[i,j] ||v_j W_O|| since A[i,j] >= 0; in float64, a block of
+            # queries at a time (a float64 copy of a whole long-context pattern would double its size).
+            total = torch.cat([torch.einsum("bhij,bhj->bhi", a[:, :, rows].double(), f) for rows in query_blocks(a)],
+                              dim=-1)
+            first = a[..., 0].double()
+            sink = first * f[..., :1]
             stats = {
-                "attn_sink_share": torch.einsum("bhi,bi->bh", a[..., 0], seeing),
+                "attn_sink_share": torch.einsum("bhi,bi->bh", first, seeing),
                 "norm_sink_share": torch.einsum("bhi,bi->bh", sink / total.clamp(min=1e-30), seeing),
                 "value_out_norm_sink": f[..., 0],
                 "value_out_norm_other": torch.einsum("bhj,bj->bh", f, weights),
