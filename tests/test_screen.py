@@ -219,12 +219,15 @@ def test_the_builtin_screen_spec_runs_every_type_and_confirms(tmp_path):
                                           "data.n_seqs": 6, "data.n_calibration": 2, "data.batch_size": 4,
                                           "from_query": 6, "bootstrap.n_resamples": 100})
     spec = ExperimentSpec.from_dict({**spec.to_dict(), "conditions": [
-        {**c, "confirm": 2, "interventions": [{**iv, "from_query": 6} for iv in c["interventions"]]}
+        {**c, **({"confirm": 2} if c.get("sweep") else {}),
+         "interventions": [{**iv, "from_query": 6} for iv in c["interventions"]]}
         for c in spec.to_dict()["conditions"]]})
     results = run_experiment(spec, tmp_path / "run", log=lambda *_: None)
-    assert [c["name"] for c in results["conditions"]] == ["sink value zeroed", "sink key masked", "head mean-ablated",
+    assert [c["name"] for c in results["conditions"]] == ["sink key masked in every head", "sink value zeroed",
+                                                         "sink key masked", "head mean-ablated",
                                                          "constant slot for the sink"]
-    for c in results["conditions"]:
+    assert results["conditions"][0].get("sweep") is None and len(results["verdicts"]) == 1
+    for c in results["conditions"][1:]:
         assert c["sweep"]["method"] == "screen" and len(c["sweep"]["variants"]) == 12
         assert len(c["sweep"]["confirmed"]) == 4
         assert all(v["exact"]["value"] != 0 for v in c["sweep"]["confirmed"])
