@@ -220,13 +220,15 @@ class ProfileReducer(Reducer):
         def reduce(resid: Float[Tensor, "batch pos d_model"], hook) -> None:
             resid = self.batch.align(resid, dims=(1,))
             for row in range(resid.shape[0]):
-                magnitude = resid[row, : int(self.batch.lengths[row])].detach().double().abs()
+                # The top-k and the median select entries, so they are exact in the stream's own
+                # dtype; only the means accumulate in float64 (no float64 copy of [T, d_model]).
+                magnitude = resid[row, : int(self.batch.lengths[row])].detach().abs()
                 flat = magnitude.flatten()
-                self.top[layer] += flat.topk(min(self.k, flat.numel())).values.cpu()
+                self.top[layer] += flat.topk(min(self.k, flat.numel())).values.double().cpu()
                 self.median[layer] += float(flat.median())
-                self.sink[layer] += magnitude[0].cpu()
+                self.sink[layer] += magnitude[0].double().cpu()
                 if magnitude.shape[0] > 1:
-                    self.other[layer] += magnitude[1:].mean(dim=0).cpu()
+                    self.other[layer] += (magnitude[1:].sum(dim=0, dtype=torch.float64) / (magnitude.shape[0] - 1)).cpu()
 
         return reduce
 

@@ -22,7 +22,6 @@ from sinkinterp._batches import (
 from sinkinterp.backends import Model, attention_windows
 from sinkinterp.errors import SinkInterpError
 from sinkinterp.measure.common import (
-    query_blocks,
     seen_counts,
     token_text,
 )
@@ -295,8 +294,10 @@ class SinkReducer(Reducer):
             share = p[:, :, 1:, 0].sum(dim=-1).double() / (n_queries[:, :1] - 1).clamp(min=1)
             self.share_sum[layer] += share.sum(dim=0).cpu()
             real = batch.valid().to(p.device)[:, None, 1:]  # [batch 1 query]: real queries i >= 1
-            # The row sums in float64 (a learned sink's missing mass is small), a block of queries at a time.
-            row_sums = torch.cat([p[:, :, 1:][:, :, rows].double().sum(dim=-1) for rows in query_blocks(p)], dim=-1)
+            # The row sums accumulate in at least float32 without a copy of the pattern (a float64
+            # copy cost a quarter of a plain forward at T = 2048); pairwise summation keeps their
+            # error near 1e-7 at T = 8192, far below any learned sink's missing mass.
+            row_sums = p[:, :, 1:].sum(dim=-1, dtype=torch.promote_types(p.dtype, torch.float32)).double()
             missing = ((1 - row_sums) * real).sum(dim=-1) / real.sum(dim=-1).clamp(min=1)
             self.missing_sum[layer] += missing.sum(dim=0).cpu()
             counted = self._counted(batch).to(p.device)[:, None, :]  # [batch 1 key]
