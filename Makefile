@@ -37,6 +37,8 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/scan_memory.py
 	$(PY) benchmarks/intervention_overhead.py
 	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/screen.py
+	$(PY) benchmarks/long_context.py
 
 # Re-execute the tutorials in place, so the committed outputs are those of a real run.
 notebooks: $(VENV)/.installed

@@ -35,7 +35,7 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> None:
     ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
 
 
-def _status_mib(field: str) -> float:
+def resident_mib(field: str) -> float:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
 
@@ -44,9 +44,9 @@ def peak_above_start(fn) -> float:
     """MiB by which the resident set peaked above its level at the start of ``fn()``."""
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
-    start = _status_mib("VmRSS")
+    start = resident_mib("VmRSS")
     result = fn()
-    peak = _status_mib("VmHWM")
+    peak = resident_mib("VmHWM")
     del result
     gc.collect()
     return peak - start
