@@ -40,16 +40,24 @@ def resident_mib(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
 
 
+def timed_peak(fn):
+    """Seconds ``fn()`` took, the MiB by which the resident set peaked above its level at the start,
+    and what ``fn`` returned."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    start_mib = resident_mib("VmRSS")
+    start = time.perf_counter()
+    value = fn()
+    elapsed = time.perf_counter() - start
+    return elapsed, resident_mib("VmHWM") - start_mib, value
+
+
 def peak_above_start(fn) -> float:
     """MiB by which the resident set peaked above its level at the start of ``fn()``."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    start = resident_mib("VmRSS")
-    result = fn()
-    peak = resident_mib("VmHWM")
+    _, peak, result = timed_peak(fn)
     del result
     gc.collect()
-    return peak - start
+    return peak
 
 
 def seconds(fn) -> float:
